@@ -1,0 +1,82 @@
+"""The TaskConfig that wires the 3DSAM-adapter's weights, infer task (and later trainer) from the app's conf."""
+
+import logging
+import os
+import uuid
+from typing import Any, Dict, Optional
+
+import torch
+from monai.apps import download_url
+from monailabel.interfaces.config import TaskConfig
+
+from lib.infers.sam3d_infer import Sam3DInfer
+from lib.model import CONFIGS, build_sam3d
+from lib.transforms.presets import PRESETS
+
+logger = logging.getLogger(__name__)
+
+SAM_URLS = {
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+}
+PUBLISHED_MODEL = "sam3d.pt"  # our checkpoint in the model folder, used when conf names none
+
+
+def sam_checkpoint_path(setting: str, backbone: str, model_dir: str) -> Optional[str]:
+    """'none': no SAM weights; a path: that file; 'download' (default): the official file in the model folder,
+    fetched on first start. Offline, this logs how to supply the file and returns None (random backbone)."""
+    if setting == "none" or backbone not in SAM_URLS:
+        return None
+    if setting != "download":
+        return setting
+    url = SAM_URLS[backbone]
+    path = os.path.join(model_dir, os.path.basename(url))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(model_dir, exist_ok=True)
+            download_url(url, path, progress=False)
+        except Exception as e:  # offline or blocked: the app still starts, with a random backbone
+            logger.warning(
+                f"Could not download the SAM {backbone} checkpoint from {url} ({type(e).__name__}: {e}). "
+                f"The backbone stays randomly initialised. Put the file at {path}, or pass "
+                f"--conf sam_checkpoint /path/to/{os.path.basename(url)}"
+            )
+            return None
+    return path
+
+
+class Sam3DTaskConfig(TaskConfig):
+    """conf options: backbone (vit_b | vit_l | vit_h | tiny), checkpoint (the authors' or ours), sam_checkpoint
+    (download | none | path), preset, labels (comma-separated), device (cpu | cuda), cache_mb."""
+
+    def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.labels = [label.strip() for label in conf.get("labels", "tumor").split(",") if label.strip()]
+        self.preset = conf.get("preset", "kits")
+        if self.preset not in PRESETS:
+            raise ValueError(f"conf preset {self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        backbone = conf.get("backbone")
+        if backbone is not None and backbone not in CONFIGS:
+            raise ValueError(f"conf backbone {backbone!r} is unknown; choose one of {sorted(CONFIGS)}")
+        published = os.path.join(model_dir, PUBLISHED_MODEL)
+        self.path = conf.get("checkpoint") or (published if os.path.exists(published) else None)
+        sam = sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir)
+        self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
+        self.network = build_sam3d(checkpoint=self.path, backbone=backbone, sam_checkpoint=sam)
+
+    def infer(self):
+        return {
+            self.name: Sam3DInfer(
+                model=self.network,
+                model_version=uuid.uuid4().hex,
+                labels=self.labels,
+                preset=self.preset,
+                device=self.device,
+                cache_bytes=self.cache_bytes,
+            )
+        }
+
+    def trainer(self):
+        return None

@@ -1,0 +1,118 @@
+"""The MONAI Label infer task: validate -> pre-process -> crops -> model (+ feature cache) -> stitch -> invert -> write."""
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import EnsureChannelFirstd, LoadImaged
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from lib.model import Sam3D
+from lib.transforms.clicks import InvalidRequest, MapClicksToImaged, ValidateClicksd
+from lib.transforms.crops import extract_crop, paste_max, plan_crops
+from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
+from lib.transforms.resample import ResampleToOriginalGridd
+
+from .feature_cache import FeatureCache, crop_key
+
+logger = logging.getLogger(__name__)
+
+
+class Sam3DInfer(BasicInferTask):
+    """Deepgrow-style 3D segmentation from foreground/background clicks with the 3DSAM-adapter."""
+
+    def __init__(
+        self,
+        model: Sam3D,
+        model_version: str,
+        labels: Sequence[str],
+        preset: str,
+        device: str,
+        cache_bytes: int,
+        description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
+    ) -> None:
+        super().__init__(
+            path=None,
+            network=None,
+            type=InferType.DEEPGROW,
+            labels=list(labels),
+            dimension=3,
+            description=description,
+            # A list is shown as a choice in Slicer; its first item is the default.
+            config={"preset": [preset] + [p for p in PRESETS if p != preset], "device": device},
+        )
+        self.model = model.to(device)
+        self.model_version = model_version
+        self.device = device
+        self.cache = FeatureCache(cache_bytes)
+        self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
+
+    def info(self) -> Dict[str, Any]:
+        return {**super().info(), "weights": self.model.weights_info, "presets": {k: p.description for k, p in PRESETS.items()}}
+
+    def is_valid(self) -> bool:
+        return True
+
+    def preset_name(self, data: Dict[str, Any]) -> str:
+        preset = data.get("preset")
+        preset = preset[0] if isinstance(preset, (list, tuple)) and preset else preset
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise InvalidRequest(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        label = data.get("label")
+        if label is not None and label not in self.labels:
+            raise InvalidRequest(f"unknown label {label!r}; this model segments {self.labels}")
+        return preset
+
+    def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
+        preset = PRESETS[self.preset_name(data or {})]
+        return [
+            LoadImaged(keys="image", reader="ITKReader"),
+            EnsureChannelFirstd(keys="image"),
+            ValidateClicksd(keys="image"),
+            *spatial_transforms(preset),
+            *intensity_transforms(preset),
+            MapClicksToImaged(keys="image"),
+        ]
+
+    def inverse_transforms(self, data=None):
+        return None  # ResampleToOriginalGridd maps the prediction back through the affines instead
+
+    def post_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
+        return [ResampleToOriginalGridd(keys="pred", ref="image")]
+
+    def run_inferer(self, data: Dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> Dict[str, Any]:
+        image: MetaTensor = data["image"]
+        volume = image[0].as_tensor().float()
+        clicks = data["clicks"]
+        crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size)
+        preset = self.preset_name(data)
+
+        prob = torch.zeros(volume.shape)
+        encoder_runs, start = 0, time.time()
+        with self._model_lock:
+            for crop in crops:
+                pixels = extract_crop(volume, crop)
+                key = crop_key(pixels, self.model_version, preset)
+                encoding = self.cache.get(key)
+                if encoding is None:
+                    encoding = self.model.encode(pixels[None, None].to(self.device))
+                    self.cache.put(key, encoding)
+                    encoder_runs += 1
+                points = torch.as_tensor(list(crop.foreground) + list(crop.background)).reshape(-1, 3)
+                labels = torch.cat([torch.ones(len(crop.foreground)), torch.zeros(len(crop.background))]).long()
+                paste_max(prob, self.model.foreground_probability(encoding, points, labels).float().cpu(), crop)
+
+        data["pred"] = MetaTensor(prob[None], affine=image.affine, meta=dict(image.meta))
+        data["result"] = {
+            "preset": preset,
+            "crops": [list(c.start) for c in crops],
+            "encoder_runs": encoder_runs,
+            "cache_hits": len(crops) - encoder_runs,
+            "model_seconds": round(time.time() - start, 4),
+        }
+        logger.info(f"sam3d: {len(crops)} crop(s), {encoder_runs} encoded, {len(crops) - encoder_runs} from cache")
+        return data

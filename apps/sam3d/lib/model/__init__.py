@@ -1,0 +1,18 @@
+"""The 3DSAM-adapter in pure PyTorch (no MONAI Label): see sam3d.py for the axis convention."""
+
+from .build import CONFIGS, Sam3DConfig, build_sam3d, create_model, freeze_backbone, trainable_names
+from .checkpoints import CheckpointError, save_sam3d
+from .sam3d import CropEncoding, Sam3D
+
+__all__ = [
+    "CONFIGS",
+    "CheckpointError",
+    "CropEncoding",
+    "Sam3D",
+    "Sam3DConfig",
+    "build_sam3d",
+    "create_model",
+    "freeze_backbone",
+    "save_sam3d",
+    "trainable_names",
+]

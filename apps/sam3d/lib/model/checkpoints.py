@@ -1,0 +1,237 @@
+"""Checkpoint loaders with explicit key maps: SAM's, the 3DSAM-adapter authors', and ours.
+
+Every load is strict in the sense that matters: a key that no rule maps is an error, a shape mismatch
+is an error naming the tensor, and the report lists what was filled, what stayed at initialisation and
+what was deliberately ignored (with the reason). Files are read with ``weights_only=True``: nothing in
+a checkpoint is executed.
+"""
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "sam3d"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the problem."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    filled: List[str] = field(default_factory=list)
+    left_at_init: List[str] = field(default_factory=list)
+    ignored: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it is not used
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: filled {len(self.filled)} tensors, left {len(self.left_at_init)} at initialisation, "
+            f"ignored {len(self.ignored)} ({', '.join(sorted(set(self.ignored.values()))) or 'none'})"
+        )
+
+
+def read_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors alike for a bad file
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    return obj
+
+
+def detect_format(obj: dict) -> str:
+    """'authors' (med-air/3DSAM-adapter training script), 'sam3d' (ours) or 'sam' (segment-anything)."""
+    if {"encoder_dict", "decoder_dict", "feature_dict"} <= obj.keys():
+        return "authors"
+    if obj.get("format") == FORMAT_NAME:
+        return "sam3d"
+    if "image_encoder.patch_embed.proj.weight" in obj:
+        return "sam"
+    raise CheckpointError(
+        "unrecognised checkpoint: expected the authors' dict (encoder_dict, decoder_dict, feature_dict), "
+        f"a {FORMAT_NAME} checkpoint, or a segment-anything state dict; top-level keys: {sorted(obj)[:8]}"
+    )
+
+
+def apply_state(model: nn.Module, mapped: Dict[str, torch.Tensor], report: LoadReport) -> LoadReport:
+    """Copy ``mapped`` (model key -> tensor) into ``model``; every key must exist with the same shape."""
+    target = model.state_dict()
+    unknown = sorted(set(mapped) - set(target))
+    if unknown:
+        raise CheckpointError(f"{report.source}: tensors with no place in this model: {unknown[:10]}")
+    for name, tensor in mapped.items():
+        if tensor.shape != target[name].shape:
+            raise CheckpointError(
+                f"{report.source}: shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                f"model {tuple(target[name].shape)} (another backbone size or architecture?)"
+            )
+    model.load_state_dict({**target, **mapped}, strict=True)
+    report.filled = sorted(mapped)
+    report.left_at_init = sorted(set(target) - set(mapped))
+    logger.info(report.summary())
+    return report
+
+
+# --- segment-anything --------------------------------------------------------------------------------
+
+# SAM image-encoder tensors that our encoder takes unchanged, under the same names.
+SAM_ENCODER_TENSORS = re.compile(
+    r"image_encoder\.(patch_embed\.proj\.(weight|bias)|pos_embed"
+    r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.lin1|mlp\.lin2)\.(weight|bias)"
+    r"|blocks\.\d+\.attn\.rel_pos_[hw])"
+)
+SAM_UNUSED = (
+    ("image_encoder.neck.", "SAM's 2D neck (replaced by 3D necks)"),
+    ("prompt_encoder.", "SAM's 2D prompt encoder (replaced by the visual sampler)"),
+    ("mask_decoder.", "SAM's 2D mask decoder (replaced by the 3D MLA decoder)"),
+)
+
+
+def map_sam(state: Dict[str, torch.Tensor], report: LoadReport) -> Dict[str, torch.Tensor]:
+    mapped = {}
+    for key, tensor in state.items():
+        reason = next((why for prefix, why in SAM_UNUSED if key.startswith(prefix)), None)
+        if reason:
+            report.ignored[key] = reason
+        elif SAM_ENCODER_TENSORS.fullmatch(key):
+            mapped[key] = tensor
+        else:
+            raise CheckpointError(f"{report.source}: unexpected key in a SAM checkpoint: {key}")
+    # The paper starts each depth table as the mean of SAM's height and width tables.
+    for key in [k for k in mapped if k.endswith("attn.rel_pos_h")]:
+        mapped[key[: -len("h")] + "d"] = 0.5 * (mapped[key] + mapped[key[: -len("h")] + "w"])
+    return mapped
+
+
+def load_sam(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Fill the frozen backbone from a segment-anything state dict; every SAM encoder tensor must be there."""
+    report = LoadReport(source)
+    mapped = map_sam(state, report)
+    expected = {k for k in model.state_dict() if SAM_ENCODER_TENSORS.fullmatch(k)}
+    missing = sorted(expected - set(mapped))
+    if missing:
+        raise CheckpointError(f"{source}: SAM checkpoint lacks {missing[:10]} (another backbone size?)")
+    return apply_state(model, mapped, report)
+
+
+# --- the authors' training script (med-air/3DSAM-adapter) ----------------------------------------------
+
+
+def depth_last_to_depth_first(tensor: torch.Tensor) -> torch.Tensor:
+    """Their 3D conv kernels are laid out (out, in, H, W, D); ours (out, in, D, H, W)."""
+    return tensor.permute(0, 1, 4, 2, 3).contiguous() if tensor.dim() == 5 else tensor
+
+
+Rule = Tuple[str, Union[str, Callable, None]]  # (regex on their key, our key; None: ignored, see below)
+
+AUTHORS_ENCODER_RULES: Tuple[Rule, ...] = (
+    (r"patch_embed\.proj\.(.+)", r"image_encoder.patch_embed.proj.\1"),
+    (r"slice_embed\.(.+)", r"image_encoder.patch_embed.slice_embed.\1"),
+    (r"(pos_embed|depth_embed)", r"image_encoder.\1"),
+    (r"blocks\.(\d+)\.attn\.lr", r"image_encoder.blocks.\1.attn.rel_pos_scale"),
+    (r"blocks\.(\d+)\.attn_mask", None),
+    (r"blocks\.(\d+)\.(.+)", r"image_encoder.blocks.\1.\2"),
+    (r"neck_3d\.(.+)", r"image_encoder.necks.\1"),
+)
+AUTHORS_PROMPT_RULES: Tuple[Rule, ...] = (
+    (r"transformer\.layers\.(\d+)\.cross_attn_token_to_image\..+", None),
+    (r"transformer\.layers\.(\d+)\.(.+)", r"prompt_encoder.layers.\1.\2"),
+    (r"positional_encoding_gaussian_matrix", None),
+)
+AUTHORS_DECODER_RULES: Tuple[Rule, ...] = (
+    (r"mlahead\.head([2-5])\.(.+)", lambda m: f"mask_decoder.heads.{int(m.group(1)) - 2}.{m.group(2)}"),
+    (r"cls\.(.+)", r"mask_decoder.classifier.\1"),
+)
+AUTHORS_IGNORED_WHY = {
+    "attn_mask": "shifted-window mask, recomputed from the configuration",
+    "cross_attn_token_to_image": "unused by the authors' forward pass",
+    "positional_encoding_gaussian_matrix": "unused by the authors' forward pass",
+}
+
+
+def map_by_rules(
+    state: Dict[str, torch.Tensor], rules: Iterable[Rule], part: str, report: LoadReport
+) -> Dict[str, torch.Tensor]:
+    mapped = {}
+    for key, tensor in state.items():
+        for pattern, target in rules:
+            match = re.fullmatch(pattern, key)
+            if not match:
+                continue
+            if target is None:
+                report.ignored[f"{part}.{key}"] = next(w for k, w in AUTHORS_IGNORED_WHY.items() if k in key)
+            else:
+                name = target(match) if callable(target) else match.expand(target)
+                mapped[name] = depth_last_to_depth_first(tensor)
+            break
+        else:
+            raise CheckpointError(f"{report.source}: unexpected key {part}.{key}")
+    return mapped
+
+
+def load_authors(model: nn.Module, obj: dict, source: str) -> LoadReport:
+    """The authors' checkpoint holds the whole model; the fourth prompt encoder is the one their test uses."""
+    report = LoadReport(source)
+    feature_dicts = obj["feature_dict"]
+    if not isinstance(feature_dicts, (list, tuple)) or len(feature_dicts) != 4:
+        raise CheckpointError(f"{source}: feature_dict must be a list of four prompt-encoder state dicts")
+    for i in range(3):
+        report.ignored[f"feature_dict[{i}]"] = "prompt encoders 1-3 are unused by the authors' test"
+    for key in obj.keys() - {"encoder_dict", "decoder_dict", "feature_dict"}:
+        report.ignored[key] = "training state (optimisers, epoch)"
+    mapped = {
+        **map_by_rules(obj["encoder_dict"], AUTHORS_ENCODER_RULES, "encoder_dict", report),
+        **map_by_rules(feature_dicts[3], AUTHORS_PROMPT_RULES, "feature_dict[3]", report),
+        **map_by_rules(obj["decoder_dict"], AUTHORS_DECODER_RULES, "decoder_dict", report),
+    }
+    missing = sorted(set(model.state_dict()) - set(mapped))
+    if missing:
+        raise CheckpointError(f"{source}: the authors' checkpoint lacks {missing[:10]}")
+    return apply_state(model, mapped, report)
+
+
+# --- ours ------------------------------------------------------------------------------------------------
+
+
+def load_sam3d(model: nn.Module, obj: dict, source: str) -> LoadReport:
+    """Our checkpoints hold the trained tensors only; the frozen backbone comes from SAM."""
+    if obj.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: {FORMAT_NAME} checkpoint version {obj.get('version')} is not supported")
+    return apply_state(model, dict(obj["state_dict"]), LoadReport(source))
+
+
+def save_sam3d(model: nn.Module, path: str, backbone: str, trainable: Iterable[str], meta: Optional[dict] = None):
+    """Write the trained tensors atomically: a reader sees the old file or the new one, never half of one."""
+    state = model.state_dict()
+    obj = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "backbone": backbone,
+        "state_dict": {name: state[name].detach().cpu() for name in trainable},
+        "meta": meta or {},
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

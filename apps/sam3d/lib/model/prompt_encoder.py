@@ -1,0 +1,84 @@
+"""The visual-sampler prompt encoder of the 3DSAM-adapter.
+
+Clicks become tokens by sampling the image features at their locations (no positional code of their
+own); learned global queries and the click tokens then update the image embedding through two-way
+attention. Axis convention: feature maps ``(B, C, D, H, W)``, clicks ``(d, h, w)`` voxel indices of the crop.
+"""
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .image_encoder import MLPBlock
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose projections may shrink the embedding by ``downsample_rate``."""
+
+    def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1) -> None:
+        super().__init__()
+        inner = dim // downsample_rate
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, inner)
+        self.k_proj = nn.Linear(dim, inner)
+        self.v_proj = nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (B, Nq, C), k and v: (B, Nk, C) -> (B, Nq, C)."""
+        out = F.scaled_dot_product_attention(
+            self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        )
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class TwoWayBlock(nn.Module):
+    """Queries (global + click tokens) attend to each other, then the image tokens attend to the global queries."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, num_global_queries: int = 10) -> None:
+        super().__init__()
+        self.global_query = nn.Parameter(0.1 * torch.randn(1, num_global_queries, dim))
+        self.self_attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(dim, mlp_dim, act=nn.ReLU)
+        self.norm3 = nn.LayerNorm(dim)
+        self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate=2)
+        self.norm4 = nn.LayerNorm(dim)
+
+    def forward(self, image: torch.Tensor, clicks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """image: (B, N_image, C), clicks: (B, N_clicks, C) -> both updated, same shapes."""
+        num_global = self.global_query.shape[1]
+        queries = torch.cat([self.global_query.expand(image.shape[0], -1, -1), clicks], dim=1)
+        queries = self.norm2(queries + self.norm1(self.self_attn(queries, queries, queries)))
+        clicks, global_queries = queries[:, num_global:], queries[:, :num_global]
+        global_queries = self.norm3(global_queries + self.mlp(global_queries))
+        image = self.norm4(image + self.cross_attn_image_to_token(image, global_queries, global_queries))
+        return image, clicks
+
+
+class PromptEncoder3d(nn.Module):
+    """Conditions the deepest feature map on the clicks."""
+
+    def __init__(self, dim: int = 256, num_heads: int = 8, mlp_dim: int = 2048, depth: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim) for _ in range(depth))
+
+    def forward(self, features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
+        """features: (B, C, d, h, w); points: (B, N, 3) float (d, h, w) voxel indices of a crop of size
+        ``crop_size``. Returns the conditioned features, (B, C, d, h, w)."""
+        size = torch.as_tensor(crop_size, dtype=points.dtype, device=points.device)
+        # Voxel centres in [-1, 1]; grid_sample wants (x, y, z) = (w, h, d).
+        grid = ((points + 0.5) * 2 / size - 1).flip(-1)
+        clicks = F.grid_sample(features, grid[:, None, None], align_corners=False)  # (B, C, 1, 1, N)
+        clicks = clicks.flatten(2).transpose(1, 2)
+        image = features.flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            image, clicks = layer(image, clicks)
+        return image.transpose(1, 2).reshape(features.shape)

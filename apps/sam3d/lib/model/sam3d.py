@@ -1,0 +1,110 @@
+"""The composed 3DSAM-adapter: encode a crop once, decode it for any set of clicks.
+
+Public axis convention: a crop is a ``(D, H, W)`` array (batched: ``(B, 1, D, H, W)``) and clicks are
+``(d, h, w)`` voxel indices of that crop.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .image_encoder import ImageEncoder3d
+from .mask_decoder import MaskDecoder3d
+from .prompt_encoder import PromptEncoder3d
+
+
+@dataclass
+class CropEncoding:
+    """Everything about one crop that clicks do not change (what the feature cache keeps)."""
+
+    shallow: torch.Tensor  # (B, 3 * head_chans, g, g, g): decoder heads on the three shallower feature maps
+    deep: torch.Tensor  # (B, C, g, g, g): the deepest feature map, conditioned on clicks at decode time
+    low_res_image: torch.Tensor  # (B, 1, 2g, 2g, 2g): the crop at the decoder's resolution
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.shallow, self.deep, self.low_res_image))
+
+    def to(self, device: Union[str, torch.device]) -> "CropEncoding":
+        return CropEncoding(self.shallow.to(device), self.deep.to(device), self.low_res_image.to(device))
+
+
+def exclude_background(prob_fg: torch.Tensor, prob_bg: torch.Tensor) -> torch.Tensor:
+    """Remove what the background clicks claim from what the foreground clicks found.
+
+    ``prob_bg`` is the model's answer to the background clicks taken as prompts ("what object is this?").
+    Where it claims a voxel more strongly than the foreground answer does, the voxel's probability drops
+    below ``1 - prob_bg``. The result never exceeds ``prob_fg``: a background click cannot add foreground.
+    """
+    return torch.where(prob_bg > prob_fg, torch.minimum(prob_fg, 1 - prob_bg), prob_fg)
+
+
+class Sam3D(nn.Module):
+    def __init__(
+        self, image_encoder: ImageEncoder3d, prompt_encoder: PromptEncoder3d, mask_decoder: MaskDecoder3d, crop_size: int
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.crop_size = crop_size
+        self.weights_info: dict = {}  # where the weights came from, filled by build_sam3d
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_encoder.pos_embed.device
+
+    @torch.no_grad()
+    def encode(self, crop: torch.Tensor) -> CropEncoding:
+        """crop: (B, 1, S, S, S) normalised intensities, S = crop_size -> its click-independent encoding."""
+        features = self.image_encoder(crop)
+        low_res = F.interpolate(crop, scale_factor=0.5, mode="trilinear")
+        return CropEncoding(self.mask_decoder.shallow(features[:3]), features[3], low_res)
+
+    def decode(self, encoding: CropEncoding, points: torch.Tensor) -> torch.Tensor:
+        """points: (B, N, 3) (d, h, w) crop voxel indices of foreground clicks -> logits (B, 2, S, S, S)."""
+        deep = self.prompt_encoder(encoding.deep, points.to(encoding.deep.dtype), (self.crop_size,) * 3)
+        return self.mask_decoder(encoding.shallow, deep, encoding.low_res_image)
+
+    @torch.no_grad()
+    def foreground_probability(
+        self, encoding: CropEncoding, points: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """points: (N, 3) (d, h, w) crop indices; labels: (N,) 1 = foreground, 0 = background (default all 1).
+
+        Returns (S, S, S) foreground probability; zeros when there is no foreground click."""
+        device = encoding.deep.device
+        points = torch.as_tensor(points, device=device).reshape(-1, 3)
+        labels = torch.ones(len(points), dtype=torch.long, device=device) if labels is None else labels.to(device)
+        foreground, background = points[labels == 1], points[labels == 0]
+        if len(foreground) == 0:
+            return torch.zeros((self.crop_size,) * 3, device=device)
+        prob = self.decode(encoding, foreground[None]).softmax(dim=1)[0, 1]
+        if len(background):
+            prob = exclude_background(prob, self.decode(encoding, background[None]).softmax(dim=1)[0, 1])
+        return prob
+
+    def predict_crop(
+        self,
+        crop: torch.Tensor,
+        points: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> torch.Tensor:
+        """crop: (S, S, S) float32 normalised intensities, axes (d, h, w); points: (N, 3) int64 (d, h, w) indices
+        inside the crop; labels: optional (N,) with 1 = foreground, 0 = background.
+
+        Returns (S, S, S) float32 foreground probability on the crop's grid, on the CPU."""
+        if device is not None:
+            self.to(device)
+        crop = torch.as_tensor(crop, dtype=torch.float32, device=self.device)
+        if crop.shape != (self.crop_size,) * 3:
+            raise ValueError(f"crop must be {(self.crop_size,) * 3}, got {tuple(crop.shape)}")
+        points = torch.as_tensor(points).reshape(-1, 3)
+        if ((points < 0) | (points >= self.crop_size)).any():
+            raise ValueError(f"points must lie inside the crop [0, {self.crop_size}): {points.tolist()}")
+        encoding = self.encode(crop[None, None])
+        return self.foreground_probability(encoding, points, labels).float().cpu()

@@ -1,0 +1,92 @@
+"""Clicks: validated as voxel indices of the original image, then carried through the image's spatial changes.
+
+Clients (Slicer, OHIF, REST) send ``foreground`` and ``background`` as lists of ``[i, j, k]`` voxel indices of
+the image as stored, which is how MONAI's ITK loader indexes the array. After the image is reoriented and
+resampled, a click follows the same affine change, so image and clicks cannot drift apart.
+"""
+
+import math
+from typing import Any, Dict, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+MAX_CLICKS = 1000  # per request, foreground and background together
+
+
+class InvalidRequest(ValueError):
+    """A request that can never succeed as sent; the server answers it with a 4xx and this message."""
+
+
+def parse_clicks(value: Any, name: str, shape: Sequence[int]) -> np.ndarray:
+    """``value``: a list of [i, j, k] voxel indices inside ``shape`` -> (N, 3) int64 array."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return np.zeros((0, 3), dtype=np.int64)
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest(f"'{name}' must be a list of [i, j, k] voxel indices, got {type(value).__name__}")
+    clicks = []
+    for click in value:
+        if not isinstance(click, (list, tuple)) or len(click) != len(shape):
+            raise InvalidRequest(f"each '{name}' click must be [i, j, k] ({len(shape)} voxel indices), got {click!r}")
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in click):
+            raise InvalidRequest(f"'{name}' click {click!r} must hold finite numbers")
+        if any(c != round(c) for c in click):
+            raise InvalidRequest(f"'{name}' click {click!r} must hold whole voxel indices")
+        index = [int(round(c)) for c in click]
+        if any(c < 0 or c >= n for c, n in zip(index, shape)):
+            raise InvalidRequest(f"'{name}' click {index} lies outside the image, whose size is {list(shape)}")
+        clicks.append(index)
+    return np.asarray(clicks, dtype=np.int64).reshape(-1, 3)
+
+
+def validate_clicks(request: Dict[str, Any], shape: Sequence[int]) -> Dict[str, np.ndarray]:
+    clicks = {name: parse_clicks(request.get(name), name, shape) for name in ("foreground", "background")}
+    total = sum(len(c) for c in clicks.values())
+    if total == 0:
+        raise InvalidRequest("no clicks: give at least one 'foreground' click as [i, j, k] voxel indices")
+    if total > MAX_CLICKS:
+        raise InvalidRequest(f"{total} clicks in one request; at most {MAX_CLICKS} are accepted")
+    return clicks
+
+
+class ValidateClicksd(MapTransform):
+    """Check the request's clicks against the loaded image's size; store them as ``data['clicks']``."""
+
+    def __init__(self, keys: KeysCollection = "image") -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        image = d[self.keys[0]]
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise InvalidRequest(f"a single-channel 3D image is needed; this one has shape {list(image.shape)}")
+        d["clicks"] = validate_clicks(d, image.shape[1:])
+        return d
+
+
+def map_indices(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Voxel indices under ``from_affine`` -> the nearest voxel indices under ``to_affine`` (clipped into ``shape``)."""
+    if len(points) == 0:
+        return points.reshape(0, 3)
+    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1).T
+    mapped = (np.linalg.inv(to_affine) @ from_affine @ homogeneous)[:3].T
+    return np.clip(np.rint(mapped), 0, np.asarray(shape) - 1).astype(np.int64)
+
+
+class MapClicksToImaged(MapTransform):
+    """After reorienting and resampling ``image``, move ``data['clicks']`` onto its new grid."""
+
+    def __init__(self, keys: KeysCollection = "image") -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        image = d[self.keys[0]]
+        original = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        current = torch.as_tensor(image.affine).double().numpy()
+        d["clicks"] = {
+            name: map_indices(points, original, current, image.shape[1:]) for name, points in d["clicks"].items()
+        }
+        return d

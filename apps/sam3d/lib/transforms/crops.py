@@ -1,0 +1,65 @@
+"""Crop planning and stitching: clicks on one lesion share a crop; clicks far apart get crops of their own."""
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Crop:
+    start: Tuple[int, int, int]  # corner in volume voxels; may extend past the volume, which is zero-padded
+    size: int
+    foreground: np.ndarray  # (N, 3) clicks in crop coordinates
+    background: np.ndarray  # (M, 3)
+
+    def box(self) -> Tuple[slice, ...]:
+        return tuple(slice(s, s + self.size) for s in self.start)
+
+
+def crop_start(center: np.ndarray, shape: Sequence[int], size: int) -> Tuple[int, int, int]:
+    """Centre the crop on ``center`` but keep it inside the volume where the volume is large enough."""
+    start = np.asarray(center) - size // 2
+    upper = np.maximum(np.asarray(shape) - size, 0)
+    return tuple(int(s) for s in np.clip(start, 0, upper))
+
+
+def plan_crops(foreground: np.ndarray, background: np.ndarray, shape: Sequence[int], size: int) -> List[Crop]:
+    """Group foreground clicks whose bounding box spans at most half a crop, so each keeps context around it.
+
+    Background clicks go to every crop that contains them; one outside all crops cannot remove anything.
+    """
+    groups: List[List[np.ndarray]] = []
+    for point in foreground:
+        for group in groups:
+            members = np.stack(group + [point])
+            if (members.max(0) - members.min(0)).max() <= size // 2:
+                group.append(point)
+                break
+        else:
+            groups.append([point])
+
+    crops = []
+    for group in groups:
+        members = np.stack(group)
+        start = np.asarray(crop_start((members.max(0) + members.min(0)) // 2, shape, size))
+        inside = np.all((background >= start) & (background < start + size), axis=1)
+        crops.append(Crop(tuple(int(s) for s in start), size, members - start, background[inside] - start))
+    return crops
+
+
+def extract_crop(volume: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """volume: (D, H, W) -> (size, size, size), zero-padded (the normalised mean) where it leaves the volume."""
+    region = volume[crop.box()]
+    pad = [p for axis in reversed(range(3)) for p in (0, crop.size - region.shape[axis])]
+    return F.pad(region, pad) if any(pad) else region
+
+
+def paste_max(target: torch.Tensor, prob: torch.Tensor, crop: Crop) -> None:
+    """Stitch a crop's probabilities into the (D, H, W) volume, keeping the larger where crops overlap."""
+    box = crop.box()
+    region = target[box]
+    inside = prob[tuple(slice(0, n) for n in region.shape)]
+    torch.maximum(region, inside, out=region)

@@ -1,0 +1,76 @@
+"""Pre-processing presets: orientation, spacing, intensity window and normalisation.
+
+The four paper presets carry the values of the authors' data loaders (med-air/3DSAM-adapter): a CT window,
+then the dataset's global mean and standard deviation of the windowed intensities, at 1 mm isotropic.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from monai.transforms import (
+    NormalizeIntensityd,
+    Orientationd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+# The model sees volumes as (D, H, W) with D the slice axis. Axial slices in radiological display:
+# D runs inferior -> superior, rows anterior -> posterior, columns right -> left.
+MODEL_AXCODES = "SPL"
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    window: Optional[Tuple[float, float]]  # HU window; None: the 0.5-99.5 percentiles of the image (MR)
+    mean: Optional[float]  # global statistics after windowing; None: the image's own
+    std: Optional[float]
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+PAPER_PRESETS: Dict[str, Preset] = {
+    "kits": Preset("Kidney tumour (KiTS21)", (-54, 247), 59.53867, 55.457336),
+    "lits": Preset("Liver tumour (LiTS17)", (-48, 163), 60.057533, 40.198017),
+    "pancreas": Preset("Pancreas tumour (MSD Task07)", (-39, 204), 68.45214, 63.422806),
+    "colon": Preset("Colon cancer (MSD Task10)", (-57, 175), 65.175035, 32.651197),
+}
+
+
+def _mean_of(presets: List[Preset]) -> Preset:
+    n = len(presets)
+    return Preset(
+        "Generic abdominal CT (the mean of the paper's four presets)",
+        (sum(p.window[0] for p in presets) / n, sum(p.window[1] for p in presets) / n),
+        sum(p.mean for p in presets) / n,
+        sum(p.std for p in presets) / n,
+    )
+
+
+PRESETS: Dict[str, Preset] = {
+    **PAPER_PRESETS,
+    "ct": _mean_of(list(PAPER_PRESETS.values())),
+    # MR intensities have no absolute scale: clip to the image's own percentiles, then its own z-score.
+    "mr": Preset("Generic MR (per-image percentile window and z-score)", None, None, None),
+}
+
+
+def spatial_transforms(preset: Preset, keys: str = "image") -> list:
+    """Reorient to the model's axes and resample to the preset spacing (invertible, MetaTensor-tracked)."""
+    return [
+        Orientationd(keys=keys, axcodes=MODEL_AXCODES),
+        Spacingd(keys=keys, pixdim=preset.spacing, mode="bilinear"),
+    ]
+
+
+def intensity_transforms(preset: Preset, keys: str = "image") -> list:
+    if preset.window is None:
+        return [
+            ScaleIntensityRangePercentilesd(keys=keys, lower=0.5, upper=99.5, b_min=None, b_max=None, clip=True),
+            NormalizeIntensityd(keys=keys),
+        ]
+    low, high = preset.window
+    return [
+        ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True),
+        NormalizeIntensityd(keys=keys, subtrahend=preset.mean, divisor=preset.std),
+    ]

@@ -1,0 +1,45 @@
+"""sam3d: the 3DSAM-adapter as a MONAI Label app."""
+
+import logging
+import os
+from typing import Dict
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from lib.configs.sam3d import Sam3DTaskConfig
+from lib.transforms.clicks import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+
+class Sam3DApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        self.model_dir = os.path.join(app_dir, "model")
+        self.task = Sam3DTaskConfig()
+        self.task.init("sam3d", self.model_dir, conf, None)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="sam3d",
+            description="3DSAM-adapter: promptable 3D tumour segmentation from clicks",
+            version="0.1.0",
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return self.task.infer()
+
+    def infer(self, request, datastore=None):
+        if request.get("model") not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
+        image = request.get("image")
+        datastore = datastore or self.datastore()
+        # An existing path is an uploaded file (MONAI Label stores uploads as temporary files).
+        if isinstance(image, str) and not os.path.exists(image) and not datastore.get_image_uri(image):
+            raise HTTPException(status_code=404, detail=f"unknown image {image!r}: not in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except InvalidRequest as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
