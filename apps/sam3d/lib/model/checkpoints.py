@@ -32,6 +32,10 @@ class LoadReport:
     filled: List[str] = field(default_factory=list)
     left_at_init: List[str] = field(default_factory=list)
     ignored: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it is not used
+    origin: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key, where they differ
+
+    def describe(self, name: str) -> str:
+        return f"{name} (checkpoint key {self.origin[name]})" if name in self.origin else name
 
     def summary(self) -> str:
         return (
@@ -71,11 +75,12 @@ def apply_state(model: nn.Module, mapped: Dict[str, torch.Tensor], report: LoadR
     target = model.state_dict()
     unknown = sorted(set(mapped) - set(target))
     if unknown:
-        raise CheckpointError(f"{report.source}: tensors with no place in this model: {unknown[:10]}")
+        names = [report.describe(name) for name in unknown[:10]]
+        raise CheckpointError(f"{report.source}: tensors with no place in this model: {names}")
     for name, tensor in mapped.items():
         if tensor.shape != target[name].shape:
             raise CheckpointError(
-                f"{report.source}: shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                f"{report.source}: shape mismatch for {report.describe(name)}: checkpoint {tuple(tensor.shape)}, "
                 f"model {tuple(target[name].shape)} (another backbone size or architecture?)"
             )
     model.load_state_dict({**target, **mapped}, strict=True)
@@ -176,6 +181,7 @@ def map_by_rules(
             else:
                 name = target(match) if callable(target) else match.expand(target)
                 mapped[name] = depth_last_to_depth_first(tensor)
+                report.origin[name] = f"{part}.{key}"
             break
         else:
             raise CheckpointError(f"{report.source}: unexpected key {part}.{key}")

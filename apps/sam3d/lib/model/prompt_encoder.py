@@ -70,14 +70,20 @@ class PromptEncoder3d(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim) for _ in range(depth))
 
-    def forward(self, features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
-        """features: (B, C, d, h, w); points: (B, N, 3) float (d, h, w) voxel indices of a crop of size
-        ``crop_size``. Returns the conditioned features, (B, C, d, h, w)."""
+    @staticmethod
+    def sample(features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
+        """The visual sampler: features (B, C, d, h, w) read at points (B, N, 3), (d, h, w) voxel indices of a
+        crop of size ``crop_size``, by trilinear interpolation -> click tokens (B, N, C)."""
         size = torch.as_tensor(crop_size, dtype=points.dtype, device=points.device)
         # Voxel centres in [-1, 1]; grid_sample wants (x, y, z) = (w, h, d).
         grid = ((points + 0.5) * 2 / size - 1).flip(-1)
-        clicks = F.grid_sample(features, grid[:, None, None], align_corners=False)  # (B, C, 1, 1, N)
-        clicks = clicks.flatten(2).transpose(1, 2)
+        tokens = F.grid_sample(features, grid[:, None, None], align_corners=False)  # (B, C, 1, 1, N)
+        return tokens.flatten(2).transpose(1, 2)
+
+    def forward(self, features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
+        """features: (B, C, d, h, w); points: (B, N, 3) float (d, h, w) voxel indices of a crop of size
+        ``crop_size``. Returns the conditioned features, (B, C, d, h, w)."""
+        clicks = self.sample(features, points, crop_size)
         image = features.flatten(2).transpose(1, 2)
         for layer in self.layers:
             image, clicks = layer(image, clicks)

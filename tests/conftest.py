@@ -1,0 +1,74 @@
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP = os.path.join(ROOT, "apps", "sam3d")
+sys.path.insert(0, APP)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+
+@pytest.fixture(scope="session")
+def demo_studies(tmp_path_factory):
+    from make_demo_studies import write_studies
+
+    out = str(tmp_path_factory.mktemp("studies"))
+    write_studies(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A seeded tiny model saved in our format, so that server outputs are reproducible."""
+    from lib.model import CONFIGS, create_model, save_sam3d, trainable_names
+
+    torch.manual_seed(0)
+    model = create_model(CONFIGS["tiny"])
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    save_sam3d(model, path, "tiny", trainable_names(model))
+    return path, model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, demo_studies, tiny_checkpoint):
+    """A real `monailabel start_server` on loopback with the tiny configuration; yields (url, studies, log path)."""
+    studies = str(tmp_path_factory.mktemp("served"))
+    shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
+    port = free_port()
+    log_path = str(tmp_path_factory.mktemp("logs") / "server.log")
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", tiny_checkpoint[0]]
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP, "--studies", studies]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), *conf]
+    env = {**os.environ, "PYTHONPATH": ""}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/info/", timeout=5).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start:\n{open(log_path).read()[-5000:]}")
+            time.sleep(1)
+    yield url, studies, log_path
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,0 +1,243 @@
+"""The model on its tiny configuration (same code as vit_b), its checkpoints, and its axis convention."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib.model import CONFIGS, CheckpointError, build_sam3d, create_model, freeze_backbone, save_sam3d, trainable_names
+from lib.model.image_encoder import SHIFTED_WINDOW_MASK_VALUE, shifted_window_mask, window_partition, window_unpartition
+from lib.model.prompt_encoder import PromptEncoder3d
+from lib.model.sam3d import exclude_background
+
+TINY = CONFIGS["tiny"]
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return create_model(TINY).eval()
+
+
+def perturb(model, scale=0.05):
+    """Move every parameter off its initial value so that a wrong mapping cannot hide behind zeros or ones."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def test_predict_crop_shapes_and_range(tiny):
+    crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
+    prob = tiny.predict_crop(crop, torch.tensor([[3, 17, 29]]))
+    assert prob.shape == crop.shape and prob.dtype == torch.float32
+    assert 0 <= prob.min() and prob.max() <= 1
+
+
+def test_encoder_features_are_four_maps_on_the_token_grid(tiny):
+    g = TINY.token_grid
+    features = tiny.image_encoder(torch.randn(2, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
+    assert [tuple(f.shape) for f in features] == [(2, TINY.out_chans, g, g, g)] * 4
+
+
+def test_predict_crop_rejects_points_outside_the_crop(tiny):
+    crop = torch.zeros(TINY.crop_size, TINY.crop_size, TINY.crop_size)
+    with pytest.raises(ValueError, match="inside the crop"):
+        tiny.predict_crop(crop, torch.tensor([[0, 0, TINY.crop_size]]))
+
+
+def test_visual_sampler_reads_the_feature_at_the_click_in_d_h_w_order():
+    g, crop = 8, 32
+    coords = torch.stack(torch.meshgrid(*[torch.arange(g, dtype=torch.float32)] * 3, indexing="ij"))
+    features = coords[None]  # channel c holds the token index along axis c = (d, h, w)
+    click = torch.tensor([[[2.0, 17.0, 29.0]]])
+    sampled = PromptEncoder3d.sample(features, click, (crop,) * 3)[0, 0]
+    # Voxel p of the crop sits at token coordinate (p + 0.5) / 4 - 0.5 (clamped to the grid).
+    expected = ((click[0, 0] + 0.5) / (crop / g) - 0.5).clamp(0, g - 1)
+    assert torch.allclose(sampled, expected, atol=1e-5)
+
+
+def test_chunked_patch_embedding_equals_upsample_then_rgb_slices_then_slice_embedding(tiny):
+    perturb(tiny)
+    embed = tiny.image_encoder.patch_embed
+    crop = torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size)
+    # The authors' order of operations: upsample, grey -> RGB, SAM's 2D embedding per slice, depthwise merge.
+    up = F.interpolate(crop, scale_factor=TINY.upsample, mode="trilinear").repeat(1, 3, 1, 1, 1)
+    slices = up[0].transpose(0, 1)  # (slices, 3, H, W)
+    per_slice = F.conv2d(slices, embed.proj.weight, embed.proj.bias, stride=TINY.patch_size)
+    expected = embed.slice_embed(per_slice.permute(1, 0, 2, 3)[None]).movedim(1, -1)
+    assert torch.allclose(embed(crop), expected, atol=1e-4)
+
+
+def test_window_partition_round_trips_with_padding():
+    x = torch.randn(2, 5, 6, 7, 3)
+    windows, padded = window_partition(x, 4)
+    assert windows.shape == (2 * 2 * 2 * 2, 4, 4, 4, 3) and padded == (8, 8, 8)
+    assert torch.equal(window_unpartition(windows, 4, padded, (5, 6, 7)), x)
+
+
+def test_shifted_window_mask_separates_wrapped_regions():
+    mask = shifted_window_mask((8, 8, 8), window=4, shift=2, device=torch.device("cpu"))
+    assert mask.shape == (8, 64, 64)
+    assert (mask[0] == 0).all()  # the first window lies wholly inside one region
+    last = mask[-1]  # the corner window mixes 8 regions of 8 tokens each
+    assert ((last == 0).sum(dim=1) == 8).all() and ((last == SHIFTED_WINDOW_MASK_VALUE).sum(dim=1) == 56).all()
+
+
+def test_background_never_adds_foreground():
+    fg, bg = torch.rand(1000), torch.rand(1000)
+    combined = exclude_background(fg, bg)
+    assert (combined <= fg).all()
+    assert torch.equal(combined[bg <= fg], fg[bg <= fg])
+    assert (combined[(bg > 0.5) & (bg > fg)] < 0.5).all()
+
+
+def test_background_clicks_only_remove(tiny):
+    perturb(tiny, 0.2)
+    crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
+    encoding = tiny.encode(crop[None, None])
+    fg_only = tiny.foreground_probability(encoding, torch.tensor([[10, 10, 10]]))
+    both = tiny.foreground_probability(encoding, torch.tensor([[10, 10, 10], [25, 5, 20]]), torch.tensor([1, 0]))
+    assert (both <= fg_only).all()
+    nothing = tiny.foreground_probability(encoding, torch.tensor([[25, 5, 20]]), torch.tensor([0]))
+    assert (nothing == 0).all()
+
+
+def test_cached_refinement_equals_full_recompute(tiny):
+    perturb(tiny)
+    crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
+    points = torch.tensor([[4, 20, 9], [6, 22, 11]])
+    encoding = tiny.encode(crop[None, None])
+    assert torch.equal(tiny.foreground_probability(encoding, points), tiny.predict_crop(crop, points))
+
+
+def test_frozen_and_trainable_parts_follow_the_paper(tiny):
+    trainable, total = freeze_backbone(tiny)
+    names = {n for n, p in tiny.named_parameters() if p.requires_grad}
+    assert 0 < trainable < total
+    for frozen in ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.attn.rel_pos_h",
+                   "blocks.0.attn.rel_pos_scale", "blocks.0.mlp.lin1.weight"):
+        assert f"image_encoder.{frozen}" not in names
+    for trained in ("depth_embed", "patch_embed.slice_embed.weight", "blocks.0.adapter.conv.weight",
+                    "blocks.0.norm1.weight", "blocks.0.attn.rel_pos_d", "necks.3.2.weight"):
+        assert f"image_encoder.{trained}" in names
+    assert all(p.requires_grad for p in tiny.prompt_encoder.parameters())
+    assert all(p.requires_grad for p in tiny.mask_decoder.parameters())
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+
+def test_random_segment_anything_vit_b_fills_every_encoder_weight(tmp_path):
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]()
+    state = sam.state_dict()
+    path = tmp_path / "sam_vit_b.pth"
+    torch.save(state, path)
+    del sam
+
+    model = build_sam3d(backbone="vit_b", sam_checkpoint=str(path))
+    ours = model.state_dict()
+    sam_encoder = {k: v for k, v in state.items() if k.startswith("image_encoder.") and ".neck." not in k}
+    assert len(sam_encoder) == 3 + 12 * 14  # patch embedding weight and bias, pos_embed, 14 per block
+    for key, tensor in sam_encoder.items():
+        assert torch.equal(ours[key], tensor), key
+    for i in range(12):
+        block = f"image_encoder.blocks.{i}.attn."
+        assert torch.equal(ours[block + "rel_pos_d"], 0.5 * (state[block + "rel_pos_h"] + state[block + "rel_pos_w"]))
+    info = model.weights_info
+    assert info["sam_backbone"] == str(path) and info["adapters"].startswith("untrained")
+
+
+def test_sam_checkpoint_with_a_wrong_shape_is_refused_naming_the_tensor(tmp_path):
+    from segment_anything import sam_model_registry
+
+    state = sam_model_registry["vit_b"]().state_dict()
+    state["image_encoder.blocks.3.attn.qkv.weight"] = torch.zeros(10, 10)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"blocks\.3\.attn\.qkv\.weight"):
+        build_sam3d(backbone="vit_b", sam_checkpoint=str(tmp_path / "bad.pth"))
+
+
+def to_authors_format(model) -> dict:
+    """Write our model as the authors' training script saves it: their key names, their (H, W, D) kernels,
+    the buffers and unused modules their modules carry, and four prompt-encoder dicts."""
+
+    def theirs(tensor):
+        return tensor.permute(0, 1, 3, 4, 2).clone() if tensor.dim() == 5 else tensor.clone()
+
+    encoder, prompt, decoder = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        part, _, rest = name.partition(".")
+        if part == "image_encoder":
+            rest = rest.replace("patch_embed.slice_embed.", "slice_embed.").replace("necks.", "neck_3d.")
+            encoder[rest.replace("attn.rel_pos_scale", "attn.lr")] = theirs(tensor)
+        elif part == "prompt_encoder":
+            prompt["transformer." + rest] = theirs(tensor)
+        else:
+            rest = re.sub(r"heads\.(\d)", lambda m: f"mlahead.head{int(m.group(1)) + 2}", rest)
+            decoder[rest.replace("classifier.", "cls.")] = theirs(tensor)
+    window = TINY.window**3
+    for i in range(0, TINY.depth, 2):
+        encoder[f"blocks.{i}.attn_mask"] = torch.zeros(8, window, window)
+    for i in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            prompt[f"transformer.layers.{i}.cross_attn_token_to_image.{proj}.weight"] = torch.zeros(1)
+    prompt["positional_encoding_gaussian_matrix"] = torch.randn(3, 128)
+    return {"epoch": 3, "encoder_dict": encoder, "decoder_dict": decoder, "feature_dict": [{}, {}, {}, prompt],
+            "encoder_opt": {}, "feature_opt": {}, "decoder_opt": {}}
+
+
+def test_authors_format_round_trips(tiny, tmp_path):
+    perturb(tiny)
+    path = tmp_path / "last.pth.tar"
+    torch.save(to_authors_format(tiny), path)
+    loaded = build_sam3d(checkpoint=str(path), backbone="tiny")
+    for key, tensor in tiny.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
+    points = torch.tensor([[5, 9, 30]])
+    assert torch.equal(loaded.predict_crop(crop, points), tiny.predict_crop(crop, points))
+    assert "authors' format" in loaded.weights_info["adapters"]
+
+
+def test_authors_checkpoint_with_an_unknown_or_missing_key_is_refused(tiny, tmp_path):
+    extra = to_authors_format(tiny)
+    extra["decoder_dict"]["cls.9.weight"] = torch.zeros(1)
+    torch.save(extra, tmp_path / "extra.pth.tar")
+    with pytest.raises(CheckpointError, match="cls.9.weight"):
+        build_sam3d(checkpoint=str(tmp_path / "extra.pth.tar"), backbone="tiny")
+
+    missing = to_authors_format(tiny)
+    del missing["encoder_dict"]["blocks.1.adapter.linear1.weight"]
+    torch.save(missing, tmp_path / "missing.pth.tar")
+    with pytest.raises(CheckpointError, match="blocks.1.adapter.linear1.weight"):
+        build_sam3d(checkpoint=str(tmp_path / "missing.pth.tar"), backbone="tiny")
+
+
+def test_our_checkpoint_round_trips_and_names_its_backbone(tiny, tmp_path):
+    perturb(tiny)
+    path = tmp_path / "sam3d.pt"
+    save_sam3d(tiny, str(path), "tiny", trainable_names(tiny))
+    loaded = build_sam3d(checkpoint=str(path))
+    for name in trainable_names(tiny):
+        assert torch.equal(loaded.state_dict()[name], tiny.state_dict()[name]), name
+    with pytest.raises(CheckpointError, match="tiny checkpoint"):
+        build_sam3d(checkpoint=str(path), backbone="vit_b")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
+def test_a_file_that_is_not_a_checkpoint_gets_a_clear_error(tmp_path, content):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        build_sam3d(checkpoint=str(path), backbone="tiny")
+
+
+def test_a_checkpoint_of_something_else_is_refused(tmp_path):
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint"):
+        build_sam3d(checkpoint=str(tmp_path / "other.pt"))
