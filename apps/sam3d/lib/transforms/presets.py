@@ -66,7 +66,8 @@ def spatial_transforms(preset: Preset, keys: str = "image") -> list:
 def intensity_transforms(preset: Preset, keys: str = "image") -> list:
     if preset.window is None:
         return [
-            ScaleIntensityRangePercentilesd(keys=keys, lower=0.5, upper=99.5, b_min=None, b_max=None, clip=True),
+            # Clipped to the percentiles and rescaled to [0, 1]; the z-score that follows undoes the scale.
+            ScaleIntensityRangePercentilesd(keys=keys, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
             NormalizeIntensityd(keys=keys),
         ]
     low, high = preset.window

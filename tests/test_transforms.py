@@ -1,0 +1,141 @@
+"""Clicks, crops and geometry: the image and the clicks go through the same spatial changes and come back."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+import torch
+from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+from lib.transforms.clicks import MAX_CLICKS, InvalidRequest, MapClicksToImaged, map_indices, parse_clicks, validate_clicks
+from lib.transforms.crops import extract_crop, paste_max, plan_crops
+from lib.transforms.presets import PRESETS, spatial_transforms
+from lib.transforms.resample import ResampleToOriginalGridd
+
+SHAPE = (40, 140, 150)
+
+
+def test_valid_clicks_parse_to_int_indices():
+    clicks = parse_clicks([[0, 1, 2], [39.0, 139, 149]], "foreground", SHAPE)
+    assert clicks.dtype == np.int64 and clicks.tolist() == [[0, 1, 2], [39, 139, 149]]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([[40, 0, 0]], "outside the image"),
+        ([[-1, 0, 0]], "outside the image"),
+        ([[1.5, 0, 0]], "whole voxel indices"),
+        ([[1, 2]], r"\[i, j, k\]"),
+        ([[1, 2, 3, 4]], r"\[i, j, k\]"),
+        ([5, 6, 7], r"\[i, j, k\]"),
+        ("[[1, 2, 3]]", "must be a list"),
+        ([[True, 2, 3]], "finite numbers"),
+        ([[float("nan"), 2, 3]], "finite numbers"),
+        ([["1", 2, 3]], "finite numbers"),
+    ],
+)
+def test_malformed_or_outside_clicks_are_rejected_with_a_reason(value, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse_clicks(value, "foreground", SHAPE)
+
+
+def test_a_request_needs_some_clicks_and_not_too_many():
+    with pytest.raises(InvalidRequest, match="no clicks"):
+        validate_clicks({"foreground": [], "background": None}, SHAPE)
+    with pytest.raises(InvalidRequest, match="at most"):
+        validate_clicks({"foreground": [[1, 1, 1]] * (MAX_CLICKS + 1)}, SHAPE)
+
+
+def test_map_indices_follows_world_coordinates_through_a_permuted_flipped_grid():
+    source = np.array([[0, 0, 2.5, 0], [0, -0.8, 0, 0], [-0.8, 0, 0, 0], [0, 0, 0, 1.0]])
+    target = np.diag([1.0, 1.0, 1.0, 1.0])
+    point = np.array([[4, 10, 20]])
+    world = source @ np.array([4, 10, 20, 1])
+    expected = np.rint(world[:3]).astype(int) - 0  # identity target grid, but clipped into the shape below
+    shape = (200, 200, 200)
+    shifted_target = target.copy()
+    shifted_target[:3, 3] = -100  # voxel 0 at -100 mm, so negative world coordinates stay inside
+    mapped = map_indices(point, source, shifted_target, shape)
+    assert mapped.tolist() == [(expected + 100).tolist()]
+
+
+def test_clicks_close_together_share_a_crop_and_far_ones_get_their_own():
+    fg = np.array([[50, 50, 50], [60, 55, 40], [150, 150, 150]])
+    bg = np.array([[52, 52, 52], [100, 100, 100], [300, 300, 300]])
+    crops = plan_crops(fg, bg, (400, 400, 400), 128)
+    assert len(crops) == 2
+    first, second = crops
+    assert len(first.foreground) == 2 and len(second.foreground) == 1
+    assert first.start == (0, 0, 0) and second.start == (86, 86, 86)
+    assert first.background.tolist() == [[52, 52, 52], [100, 100, 100]]
+    assert second.background.tolist() == [[14, 14, 14]]  # (100, 100, 100) lies in both; (300, ...) in neither
+    for crop in crops:
+        assert ((crop.foreground >= 0) & (crop.foreground < 128)).all()
+
+
+def test_a_crop_stays_inside_the_volume_and_pads_a_small_one():
+    crops = plan_crops(np.array([[2, 2, 2]]), np.zeros((0, 3), int), (300, 50, 300), 128)
+    assert crops[0].start == (0, 0, 0)
+    volume = torch.arange(300 * 50 * 300, dtype=torch.float32).reshape(300, 50, 300)
+    pixels = extract_crop(volume, crops[0])
+    assert pixels.shape == (128, 128, 128)
+    assert torch.equal(pixels[:, :50], volume[:128, :, :128]) and (pixels[:, 50:] == 0).all()
+    prob = torch.zeros(300, 50, 300)
+    paste_max(prob, torch.ones(128, 128, 128), crops[0])
+    assert prob.sum() == 128 * 50 * 128
+
+
+def preprocess(path, clicks=None):
+    data = {"image": path, "clicks": clicks or {"foreground": np.zeros((0, 3), int)}}
+    for t in [LoadImaged(keys="image", reader="ITKReader"), EnsureChannelFirstd(keys="image"),
+              *spatial_transforms(PRESETS["kits"]), MapClicksToImaged(keys="image")]:
+        data = t(data)
+    return data
+
+
+@pytest.mark.parametrize("name", ["demo_ct_01", "demo_ct_02_aniso", "demo_ct_03_oblique"])
+def test_a_lesion_click_lands_on_the_lesion_after_reorienting_and_resampling(demo_studies, name):
+    label_path = os.path.join(demo_studies, "labels", "final", f"{name}.nii.gz")
+    label = np.asarray(nib.load(label_path).dataobj)
+    for lesion in range(1, ndimage.label(label)[1] + 1):
+        inside = ndimage.label(label)[0] == lesion
+        click = np.unravel_index(ndimage.distance_transform_edt(inside).argmax(), label.shape)  # deepest voxel
+        data = preprocess(label_path, {"foreground": np.array([click])})  # the label, moved like an image
+        mapped = data["clicks"]["foreground"][0]
+        assert data["image"][(0, *mapped)] > 0.5, (click, mapped)
+
+
+@pytest.mark.parametrize("name", ["demo_ct_01", "demo_ct_02_aniso", "demo_ct_03_oblique"])
+def test_a_prediction_on_the_model_grid_comes_back_on_the_original_grid(demo_studies, name):
+    label_path = os.path.join(demo_studies, "labels", "final", f"{name}.nii.gz")
+    original = np.asarray(nib.load(label_path).dataobj)
+    data = preprocess(label_path)  # the label through the image's spatial transforms: a perfect prediction
+    data["pred"] = data["image"].float()
+    restored = ResampleToOriginalGridd(keys="pred", ref="image")(data)
+    mask = restored["pred"]
+    assert mask.shape == original.shape and mask.dtype == np.uint8
+    dice = 2 * (mask & original).sum() / (mask.sum() + original.sum())
+    assert dice > 0.9, dice
+    assert np.allclose(restored["pred_meta_dict"]["affine"], nib.load(label_path).affine, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_normalises_a_ct_volume_to_finite_values(demo_studies, name):
+    from lib.transforms.presets import intensity_transforms
+
+    image = nib.load(os.path.join(demo_studies, "demo_ct_01.nii.gz"))
+    data = {"image": torch.as_tensor(np.asarray(image.dataobj, dtype=np.float32))[None]}
+    for t in intensity_transforms(PRESETS[name]):
+        data = t(data)
+    out = torch.as_tensor(data["image"])
+    assert torch.isfinite(out).all()
+    preset = PRESETS[name]
+    if preset.window is None:  # per-image z-score
+        assert abs(out.mean()) < 1e-3 and abs(out.std() - 1) < 1e-2
+    else:
+        raw = torch.as_tensor(np.asarray(image.dataobj, dtype=np.float32))
+        expected = (raw.clamp(*preset.window) - preset.mean) / preset.std
+        assert torch.allclose(out[0], expected, atol=1e-4)
