@@ -129,7 +129,7 @@ def test_clicks_far_apart_give_crops_that_are_stitched(client, server):
         ("demo_ct_01", {"foreground": [[1.5, 2, 3]]}, 422, "whole voxel"),
         ("demo_ct_01", {}, 422, "no clicks"),
         ("demo_ct_01", {"foreground": [[1, 1, 1]], "preset": "brain"}, 422, "unknown preset"),
-        ("demo_ct_01", {"foreground": [[1, 1, 1]], "label": "liver"}, 422, "unknown label"),
+        ("demo_ct_01", {"foreground": [[1, 1, 1]], "label": ["tumor"]}, 422, "segment name"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_clear_message(server, image, params, status, message):

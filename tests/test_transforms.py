@@ -139,3 +139,12 @@ def test_every_preset_normalises_a_ct_volume_to_finite_values(demo_studies, name
         raw = torch.as_tensor(np.asarray(image.dataobj, dtype=np.float32))
         expected = (raw.clamp(*preset.window) - preset.mean) / preset.std
         assert torch.allclose(out[0], expected, atol=1e-4)
+
+
+def test_crop_coordinates_of_a_click_address_the_same_voxel_as_in_the_volume():
+    volume = torch.randn(150, 90, 200)
+    fg = np.array([[10, 80, 190], [140, 5, 3]])
+    for crop in plan_crops(fg, np.zeros((0, 3), int), volume.shape, 64):
+        pixels = extract_crop(volume, crop)
+        for local in crop.foreground:
+            assert pixels[tuple(local)] == volume[tuple(local + np.asarray(crop.start))]

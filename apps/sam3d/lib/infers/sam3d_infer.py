@@ -62,9 +62,10 @@ class Sam3DInfer(BasicInferTask):
         preset = preset[0] if isinstance(preset, (list, tuple)) and preset else preset
         if not isinstance(preset, str) or preset not in PRESETS:
             raise InvalidRequest(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        # Slicer sends the name of the segment being edited; the mask is binary, so any name will do.
         label = data.get("label")
-        if label is not None and label not in self.labels:
-            raise InvalidRequest(f"unknown label {label!r}; this model segments {self.labels}")
+        if label is not None and not isinstance(label, str):
+            raise InvalidRequest(f"'label' must be a segment name (a string), got {label!r}")
         return preset
 
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
