@@ -149,3 +149,18 @@ def test_client_sees_the_error_and_the_datastore_is_untouched(client, server):
         client.infer("sam3d", "demo_ct_01", {"foreground": [[999, 0, 0]]})
     assert client.datastore() == before
     assert post_infer(server[0], "demo_ct_01", {"foreground": [[10, 10, 10]], "preset": "mr"})[0] == 200
+
+
+@pytest.mark.parametrize("content", [b"", b"\x1f\x8b\x08truncated gzip", b"not an image"])
+def test_an_unreadable_uploaded_image_is_a_422(client, tmp_path, content):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(content)
+    with pytest.raises(MONAILabelClientException, match="422.*cannot be read"):
+        client.infer("sam3d", "", {"foreground": [[1, 1, 1]]}, file=str(path))
+
+
+def test_a_2d_image_is_a_422(client, tmp_path):
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), path)
+    with pytest.raises(MONAILabelClientException, match="422.*3D"):
+        client.infer("sam3d", "", {"foreground": [[1, 1]]}, file=str(path))

@@ -7,12 +7,12 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirstd, LoadImaged
+from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.model import Sam3D
-from lib.transforms.clicks import InvalidRequest, MapClicksToImaged, ValidateClicksd
+from lib.transforms.clicks import InvalidRequest, LoadImageOrRejectd, MapClicksToImaged, ValidateClicksd
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
 from lib.transforms.resample import ResampleToOriginalGridd
@@ -71,7 +71,7 @@ class Sam3DInfer(BasicInferTask):
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
         preset = PRESETS[self.preset_name(data or {})]
         return [
-            LoadImaged(keys="image", reader="ITKReader"),
+            LoadImageOrRejectd(keys="image", reader="ITKReader"),
             EnsureChannelFirstd(keys="image"),
             ValidateClicksd(keys="image"),
             *spatial_transforms(preset),

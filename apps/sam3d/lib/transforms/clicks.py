@@ -6,12 +6,13 @@ resampled, a click follows the same affine change, so image and clicks cannot dr
 """
 
 import math
+import os
 from typing import Any, Dict, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import LoadImaged, MapTransform
 
 MAX_CLICKS = 1000  # per request, foreground and background together
 
@@ -49,6 +50,17 @@ def validate_clicks(request: Dict[str, Any], shape: Sequence[int]) -> Dict[str, 
     if total > MAX_CLICKS:
         raise InvalidRequest(f"{total} clicks in one request; at most {MAX_CLICKS} are accepted")
     return clicks
+
+
+class LoadImageOrRejectd(LoadImaged):
+    """MONAI's loader, but a file that no reader can read is the request's fault (4xx), not the server's."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except (RuntimeError, OSError, ValueError, EOFError) as e:  # what ITK, nibabel and MONAI raise for bad files
+            name = os.path.basename(str(data.get(self.keys[0])))
+            raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__})") from e
 
 
 class ValidateClicksd(MapTransform):
