@@ -58,7 +58,7 @@ PRESETS: Dict[str, Preset] = {
 def spatial_transforms(preset: Preset, keys: str = "image") -> list:
     """Reorient to the model's axes and resample to the preset spacing (invertible, MetaTensor-tracked)."""
     return [
-        Orientationd(keys=keys, axcodes=MODEL_AXCODES),
+        Orientationd(keys=keys, axcodes=MODEL_AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=preset.spacing, mode="bilinear"),
     ]
 
