@@ -28,9 +28,6 @@ class CropEncoding:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.shallow, self.deep, self.low_res_image))
 
-    def to(self, device: Union[str, torch.device]) -> "CropEncoding":
-        return CropEncoding(self.shallow.to(device), self.deep.to(device), self.low_res_image.to(device))
-
 
 def exclude_background(prob_fg: torch.Tensor, prob_bg: torch.Tensor) -> torch.Tensor:
     """Remove what the background clicks claim from what the foreground clicks found.
