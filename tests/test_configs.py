@@ -29,7 +29,10 @@ def test_a_failed_download_logs_how_to_supply_the_file_and_carries_on(tmp_path, 
     assert not list(tmp_path.iterdir())  # no partial file left behind
 
 
-@pytest.mark.parametrize("conf, message", [({"preset": "brain"}, "preset"), ({"backbone": "vit_x"}, "backbone")])
+@pytest.mark.parametrize(
+    "conf, message",
+    [({"preset": "brain"}, "preset"), ({"backbone": "vit_x"}, "backbone"), ({"precision": "fp8"}, "precision")],
+)
 def test_a_wrong_conf_fails_at_start_with_its_name(tmp_path, conf, message):
     with pytest.raises(ValueError, match=message):
         config.Sam3DTaskConfig().init("sam3d", str(tmp_path), {"sam_checkpoint": "none", **conf}, None)

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from lib.model import CONFIGS, CheckpointError, build_sam3d, create_model, freeze_backbone, save_sam3d, trainable_names
-from lib.model.image_encoder import SHIFTED_WINDOW_MASK_VALUE, shifted_window_mask, window_partition, window_unpartition
+from lib.model.image_encoder import (
+    Block3d,
+    relative_position_table,
+    shifted_window_regions,
+    window_layout,
+    window_partition,
+)
 from lib.model.prompt_encoder import PromptEncoder3d
 from lib.model.sam3d import exclude_background
 
@@ -70,19 +76,66 @@ def test_chunked_patch_embedding_equals_upsample_then_rgb_slices_then_slice_embe
     assert torch.allclose(embed(crop), expected, atol=1e-4)
 
 
-def test_window_partition_round_trips_with_padding():
-    x = torch.randn(2, 5, 6, 7, 3)
-    windows, padded = window_partition(x, 4)
-    assert windows.shape == (2 * 2 * 2 * 2, 4, 4, 4, 3) and padded == (8, 8, 8)
-    assert torch.equal(window_unpartition(windows, 4, padded, (5, 6, 7)), x)
+@pytest.mark.parametrize("grid, shift", [((8, 8, 8), 0), ((8, 8, 8), 2), ((5, 6, 7), 0)])
+def test_window_layout_gathers_rolled_windows_and_scatters_back(grid, shift):
+    x = torch.randn(2, *grid, 3)
+    layout = window_layout(grid, 4, shift, x.device)
+    rolled = torch.roll(x, shifts=(-shift,) * 3, dims=(1, 2, 3)) if shift else x
+    expected, _ = window_partition(rolled, 4)  # roll, zero-pad, partition: the paper's way
+    tokens = torch.cat([x.reshape(2, -1, 3), x.new_zeros(2, 1, 3)], dim=1)
+    assert torch.equal(tokens[:, layout.gather].view(expected.shape), expected)
+    assert torch.equal(tokens[:, layout.gather][:, layout.scatter], x.reshape(2, -1, 3))
+    assert layout.padded == (grid != (8, 8, 8))
 
 
-def test_shifted_window_mask_separates_wrapped_regions():
-    mask = shifted_window_mask((8, 8, 8), window=4, shift=2, device=torch.device("cpu"))
-    assert mask.shape == (8, 64, 64)
-    assert (mask[0] == 0).all()  # the first window lies wholly inside one region
-    last = mask[-1]  # the corner window mixes 8 regions of 8 tokens each
-    assert ((last == 0).sum(dim=1) == 8).all() and ((last == SHIFTED_WINDOW_MASK_VALUE).sum(dim=1) == 56).all()
+def test_shifted_window_regions_label_what_the_roll_wrapped():
+    regions = shifted_window_regions((8, 8, 8), window=4, shift=2, device=torch.device("cpu"))
+    assert regions.shape == (8, 64)
+    assert (regions[0] == regions[0, 0]).all()  # the first window lies wholly inside one region
+    assert len(regions[-1].unique()) == 8 and (regions[-1].bincount(minlength=27) % 8 == 0).all()  # 8 regions of 8
+
+
+def explicit_window_attention(attn, windows, shift_mask):
+    """The paper's attention, written out: softmax(q.k * scale + decomposed relative positions + mask) v."""
+    b, d, h, w, c = windows.shape
+    n, heads = d * h * w, attn.num_heads
+    q, k, v = attn.qkv(windows).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    grid_q = q.reshape(b, heads, d, h, w, -1)
+    rel_d = torch.einsum("bndhwc,dkc->bndhwk", grid_q, relative_position_table(d, attn.rel_pos_d))
+    rel_h = torch.einsum("bndhwc,hkc->bndhwk", grid_q, relative_position_table(h, attn.rel_pos_h))
+    rel_w = torch.einsum("bndhwc,wkc->bndhwk", grid_q, relative_position_table(w, attn.rel_pos_w))
+    bias = rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
+    logits = logits + attn.rel_pos_scale * bias.reshape(b, heads, n, n)
+    if shift_mask is not None:
+        logits = (logits.view(-1, shift_mask.shape[0], heads, n, n) + shift_mask[None, :, None]).view(b, heads, n, n)
+    out = logits.softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(b, d, h, w, c))
+
+
+def paper_shift_mask(grid, window, shift):
+    """The paper's mask: in the rolled grid, each axis splits into the bands [0, G - window), [G - window,
+    G - shift) and [G - shift, G); tokens of different band triples get -100."""
+    axes = [torch.bucketize(torch.arange(g), torch.tensor([g - window, g - shift]), right=True) for g in grid]
+    bands = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+    label = (bands * torch.tensor([9, 3, 1])).sum(-1)
+    windows = window_partition(label[None, ..., None].float(), window)[0].view(-1, window**3)
+    return torch.where(windows[:, :, None] == windows[:, None, :], 0.0, -100.0)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_fused_window_attention_equals_the_explicit_attention(shift):
+    torch.manual_seed(0)
+    block = perturb(Block3d(32, 2, 4.0, window=4, shift=shift, rel_pos_size=7), 0.3)
+    x = torch.randn(2, 8, 8, 8, 32)
+    if shift:
+        x = torch.roll(x, shifts=(-shift,) * 3, dims=(1, 2, 3))
+    windows, _ = window_partition(x, 4)
+    regions = shifted_window_regions((8, 8, 8), 4, shift, x.device) if shift else None
+    mask = paper_shift_mask((8, 8, 8), 4, shift) if shift else None
+    with torch.no_grad():
+        fused, explicit = block.attn(windows, regions), explicit_window_attention(block.attn, windows, mask)
+    assert torch.allclose(fused, explicit, atol=1e-4), (fused - explicit).abs().max()
 
 
 def test_background_never_adds_foreground():
@@ -241,3 +294,15 @@ def test_a_checkpoint_of_something_else_is_refused(tmp_path):
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="unrecognised checkpoint"):
         build_sam3d(checkpoint=str(tmp_path / "other.pt"))
+
+
+def test_bfloat16_autocast_stays_close_to_float32(tiny):
+    perturb(tiny)
+    crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
+    points = torch.tensor([[4, 20, 9]])
+    full = tiny.predict_crop(crop, points)
+    tiny.bfloat16 = True
+    half = tiny.predict_crop(crop, points)
+    assert half.dtype == torch.float32
+    assert tiny.encode(crop[None, None]).deep.dtype == torch.bfloat16  # the cache holds half the bytes
+    assert 0 < (half - full).abs().max() < 0.1

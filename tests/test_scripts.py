@@ -10,12 +10,17 @@ import numpy as np
 from conftest import ROOT
 
 
-def test_benchmark_runs_on_the_tiny_configuration():
+def test_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--backbone", "tiny", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, check=True,
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--tiny", "--repeats", "1", "--bfloat16",
+         "--rest", "--reference", str(tmp_path / "absent")],
+        capture_output=True, text=True, timeout=900, check=True,
     ).stdout
-    assert "first click:" in out and "cached click:" in out and "peak memory:" in out
+    assert "no reference checkout" in out
+    for row in ("first click (s)", "refinement click, cached (s)", "first click, bfloat16 (s)", "Dice(bf16 mask",
+                "share of the floor", "peak RSS", "REST first click, end to end", "REST cached click, model",
+                "server overhead share"):
+        assert row in out, row
 
 
 def test_demo_studies_are_deterministic_and_hold_lesions(tmp_path, demo_studies):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 
@@ -62,6 +63,14 @@ def test_info_lists_a_3d_deepgrow_model_with_its_weights(client, tiny_checkpoint
     assert weights["sam_backbone"].startswith("random initialisation")
     assert weights["adapters"] == f"{tiny_checkpoint[0]} (sam3d format)"
     assert info["datastore"]["total"] == 3
+    assert model["precision"] == "float32"
+
+
+def test_the_model_warms_up_at_start_in_the_background(client):
+    deadline = time.time() + 60
+    while not client.info()["models"]["sam3d"]["warmed_up"]:
+        assert time.time() < deadline, "no warm-up within a minute"
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("image_id", sorted(LESION_CLICKS))

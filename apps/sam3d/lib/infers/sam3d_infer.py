@@ -33,6 +33,7 @@ class Sam3DInfer(BasicInferTask):
         preset: str,
         device: str,
         cache_bytes: int,
+        warmup: bool = False,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
     ) -> None:
         super().__init__(
@@ -50,9 +51,29 @@ class Sam3DInfer(BasicInferTask):
         self.device = device
         self.cache = FeatureCache(cache_bytes)
         self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
+        self.warmed_up = threading.Event()
+        if warmup:  # in the background: the server answers at once, and a click during warm-up waits for it
+            threading.Thread(target=self.warm_up, name="sam3d-warm-up", daemon=True).start()
+
+    def warm_up(self) -> None:
+        """Run one crop through the model so that the first user click pays no one-off costs (kernel selection,
+        allocator growth)."""
+        size = self.model.crop_size
+        start = time.time()
+        with self._model_lock:
+            encoding = self.model.encode(torch.zeros(1, 1, size, size, size, device=self.device))
+            self.model.foreground_probability(encoding, torch.tensor([[size // 2] * 3]))
+        self.warmed_up.set()
+        logger.info(f"sam3d: warm-up done in {time.time() - start:.1f}s")
 
     def info(self) -> Dict[str, Any]:
-        return {**super().info(), "weights": self.model.weights_info, "presets": {k: p.description for k, p in PRESETS.items()}}
+        return {
+            **super().info(),
+            "weights": self.model.weights_info,
+            "precision": "bfloat16" if self.model.bfloat16 else "float32",
+            "warmed_up": self.warmed_up.is_set(),
+            "presets": {k: p.description for k, p in PRESETS.items()},
+        }
 
     def is_valid(self) -> bool:
         return True

@@ -5,13 +5,16 @@ grids channels-last ``(B, D, H, W, C)``. ``D`` is the slice axis: SAM's 2D patch
 ``(H, W)`` slice, and the depth embeddings and depth relative positions act along ``D``.
 """
 
+import functools
+import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Attention logits between tokens of different regions of a shifted window; the paper's value, kept
+# Attention logit offset between tokens of different regions of a shifted window: the paper's value, kept
 # (rather than -inf) so that outputs match checkpoints trained with it.
 SHIFTED_WINDOW_MASK_VALUE = -100.0
 
@@ -57,11 +60,28 @@ class SpatialAdapter(nn.Module):
         return x + F.relu(self.linear2(y))
 
 
+def upsample_taps(group: int, upsample: int) -> torch.Tensor:
+    """(group, group / upsample + 2) weights that give each of ``group`` consecutive voxels of a linear
+    ``upsample``-fold upsampling (align_corners=False) from the source voxels under them plus one either side."""
+    taps = torch.zeros(group, group // upsample + 2, dtype=torch.float64)
+    for a in range(group):
+        source = (a + 0.5) / upsample - 0.5
+        low = math.floor(source)
+        taps[a, low + 1] += 1 - (source - low)
+        taps[a, low + 2] += source - low
+    return taps
+
+
 class PatchEmbed3d(nn.Module):
     """Upsample the crop, embed each slice with SAM's 2D patch embedding, then merge slices in depth.
 
     A ``(B, 1, D, H, W)`` crop becomes ``(B, D*s/p_d, H*s/p, W*s/p, C)`` tokens, with ``s`` the upsampling
     factor, ``p`` SAM's patch size and ``p_d`` the number of slices merged by the depthwise slice embedding.
+
+    Upsampling and both embeddings are linear, so together they are one strided convolution of the crop
+    itself (edge-replicated, as the upsampling clamps at the border), with a (s_d + 2, s + 2, s + 2) kernel per
+    channel: the same numbers without building the upsampled volume (64 times the crop) or the per-slice
+    embeddings of all its slices.
     """
 
     def __init__(self, embed_dim: int, patch_size: int, slices_per_token: int, upsample: int) -> None:
@@ -71,22 +91,20 @@ class PatchEmbed3d(nn.Module):
         self.slice_embed = nn.Conv3d(
             embed_dim, embed_dim, kernel_size=(slices_per_token, 1, 1), stride=(slices_per_token, 1, 1), groups=embed_dim
         )
-        self.slices_per_token = slices_per_token
-        self.upsample = upsample
+        self.register_buffer("taps_in_plane", upsample_taps(patch_size, upsample).float(), persistent=False)
+        self.register_buffer("taps_depth", upsample_taps(slices_per_token, upsample).float(), persistent=False)
 
     def forward(self, crop: torch.Tensor) -> torch.Tensor:
-        volume = F.interpolate(crop, scale_factor=self.upsample, mode="trilinear")  # (B, 1, sD, sH, sW)
         # A grey slice repeated to RGB is the same as one channel through the channel-summed kernel.
-        weight = self.proj.weight.sum(dim=1, keepdim=True)
-        tokens = []
-        # One depth token at a time, so that the per-slice embeddings never exist for the whole volume.
-        for slab in volume.split(self.slices_per_token, dim=2):
-            b, _, d, h, w = slab.shape
-            slices = slab.transpose(1, 2).reshape(b * d, 1, h, w)
-            embedded = F.conv2d(slices, weight, self.proj.bias, stride=self.proj.stride)  # (b*d, C, h/p, w/p)
-            embedded = embedded.reshape(b, d, *embedded.shape[1:]).transpose(1, 2)  # (b, C, d, h/p, w/p)
-            tokens.append(self.slice_embed(embedded))
-        return torch.cat(tokens, dim=2).movedim(1, -1)
+        in_plane = torch.einsum("oab,at,bs->ots", self.proj.weight.sum(dim=1), self.taps_in_plane, self.taps_in_plane)
+        depth = torch.einsum("ca,at->ct", self.slice_embed.weight[:, 0, :, 0, 0], self.taps_depth)
+        kernel = depth[:, :, None, None] * in_plane[:, None]  # (C, t_d, t_h, t_w): one 3D kernel per channel
+        bias = self.proj.bias * depth.sum(dim=1) + self.slice_embed.bias
+        taps = (depth.shape[1], in_plane.shape[1], in_plane.shape[2])
+        windows = F.pad(crop, (1, 1, 1, 1, 1, 1), mode="replicate")[:, 0]
+        for axis, t in enumerate(taps, start=1):  # (B, D', H', W', t_d, t_h, t_w), strided windows
+            windows = windows.unfold(axis, t, t - 2)
+        return windows.reshape(*windows.shape[:4], -1) @ kernel.reshape(kernel.shape[0], -1).T + bias
 
 
 def window_partition(x: torch.Tensor, window: int) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
@@ -101,31 +119,47 @@ def window_partition(x: torch.Tensor, window: int) -> Tuple[torch.Tensor, Tuple[
     return windows, (dp, hp, wp)
 
 
-def window_unpartition(
-    windows: torch.Tensor, window: int, padded: Tuple[int, int, int], size: Tuple[int, int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B * num_windows, w, w, w, C) -> (B, D, H, W, C)."""
-    dp, hp, wp = padded
-    b = windows.shape[0] // ((dp // window) * (hp // window) * (wp // window))
-    x = windows.view(b, dp // window, hp // window, wp // window, window, window, window, -1)
-    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, dp, hp, wp, -1)
-    d, h, w = size
-    return x[:, :d, :h, :w].contiguous()
+@dataclass(frozen=True)
+class WindowLayout:
+    """How a (D, H, W) token grid, rolled by ``-shift``, splits into cubic windows: one gather there, one back."""
+
+    gather: torch.Tensor  # (num_windows * w^3,) flattened-grid index of each window token; D*H*W = zero padding
+    scatter: torch.Tensor  # (D*H*W,) window-token index of each grid token
+    regions: Optional[torch.Tensor]  # (num_windows, w^3) from shifted_window_regions, in shifted blocks
+    padded: bool
 
 
-def shifted_window_mask(grid: Sequence[int], window: int, shift: int, device: torch.device) -> torch.Tensor:
-    """Additive mask (num_windows, w^3, w^3) that keeps tokens of a rolled grid from attending across the wrap."""
-    region = torch.zeros((1, *grid, 1), device=device)
-    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for d in bands:
-        for h in bands:
-            for w in bands:
-                region[:, d, h, w, :] = label
-                label += 1
-    windows = window_partition(region, window)[0].view(-1, window**3)
-    differs = windows.unsqueeze(1) != windows.unsqueeze(2)
-    return torch.zeros(differs.shape, device=device).masked_fill(differs, SHIFTED_WINDOW_MASK_VALUE)
+@functools.lru_cache(maxsize=32)
+def window_layout(grid: Tuple[int, int, int], window: int, shift: int, device: torch.device) -> WindowLayout:
+    """Replaces roll + pad + partition (and their inverses), several copies of the whole grid, by two gathers."""
+    n = grid[0] * grid[1] * grid[2]
+    index = torch.arange(1, n + 1, device=device).view(1, *grid, 1)  # 0 is left for padding
+    if shift:
+        index = torch.roll(index, shifts=(-shift,) * 3, dims=(1, 2, 3))
+    gather = window_partition(index, window)[0].flatten() - 1
+    padded = bool((gather < 0).any())
+    gather[gather < 0] = n
+    valid = gather < n
+    scatter = torch.empty(n, dtype=torch.long, device=device)
+    scatter[gather[valid]] = torch.arange(len(gather), device=device)[valid]
+    regions = shifted_window_regions(grid, window, shift, device) if shift else None
+    return WindowLayout(gather, scatter, regions, padded)
+
+
+def shifted_window_regions(grid: Sequence[int], window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """Region label (0..7) of every token of every window of a grid rolled by ``-shift``: (num_windows, w^3).
+
+    Tokens of different regions were not neighbours before the roll, so they must not attend to each other.
+    Along each axis the rolled grid splits into the bands [0, G - window), [G - window, G - shift) and
+    [G - shift, G); a window meets at most two of them per axis, so three bits name a region within it."""
+    axes = [
+        torch.bucketize(torch.arange(g, device=device), torch.tensor([g - window, g - shift], device=device), right=True)
+        for g in grid
+    ]
+    bands = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)[None].float()  # (1, D, H, W, 3)
+    bands = window_partition(bands, window)[0].view(-1, window**3, 3)
+    differs = (bands != bands[:, :1]).long()  # per axis: not in the band of the window's first token
+    return differs @ torch.tensor([4, 2, 1], device=device)
 
 
 def relative_position_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -152,25 +186,60 @@ class WindowAttention3d(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, head_dim))
         self.rel_pos_scale = nn.Parameter(torch.tensor(1.0))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, d, h, w, C) windows; mask: (num_windows, N, N) additive, N = d*h*w. Returns (B, d, h, w, C)."""
+    def forward(self, x: torch.Tensor, regions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, d, h, w, C) windows; regions: (num_windows, N) from :func:`shifted_window_regions` in a
+        shifted block, N = d*h*w. Returns (B, d, h, w, C).
+
+        The decomposed relative positions and the shifted-window mask join the query and key vectors as
+        extra channels, so that attention runs in one fused kernel without an (N, N) bias per head:
+        - q.R_d[q_d - k_d] + q.R_h[..] + q.R_w[..] = [q.R_d[q_d - :] | ..] . [onehot(k_d) | onehot(k_h) | onehot(k_w)];
+        - softmax ignores a constant added to a row, so "-100 across regions" (the paper's mask) equals
+          "+100 within a region" = (100 onehot(region_q)) . onehot(region_k).
+        """
         b, d, h, w, c = x.shape
         n = d * h * w
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        head_dim = q.shape[-1]
 
-        r_q = q.reshape(b * self.num_heads, d, h, w, -1)
-        rel_d = torch.einsum("bdhwc,dkc->bdhwk", r_q, relative_position_table(d, self.rel_pos_d))
-        rel_h = torch.einsum("bdhwc,hkc->bdhwk", r_q, relative_position_table(h, self.rel_pos_h))
-        rel_w = torch.einsum("bdhwc,wkc->bdhwk", r_q, relative_position_table(w, self.rel_pos_w))
-        bias = (
-            rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
-        ) * self.rel_pos_scale
-        bias = bias.reshape(b, self.num_heads, n, n)
-        if mask is not None:
-            bias = (bias.view(-1, mask.shape[0], self.num_heads, n, n) + mask[None, :, None]).view(b, -1, n, n)
-
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        grid_q = q.reshape(b, self.num_heads, d, h, w, head_dim)
+        rel = [
+            torch.einsum("bndhwc,dkc->bndhwk", grid_q, relative_position_table(d, self.rel_pos_d)),
+            torch.einsum("bndhwc,hkc->bndhwk", grid_q, relative_position_table(h, self.rel_pos_h)),
+            torch.einsum("bndhwc,wkc->bndhwk", grid_q, relative_position_table(w, self.rel_pos_w)),
+        ]
+        positions = key_position_codes((d, h, w), q)
+        extra = positions.shape[1] + (NUM_SHIFT_REGIONS if regions is not None else 0)
+        # Fused kernels want one head size for q, k and v, a multiple of 8: the unused channels are zero.
+        width = -(-(head_dim + extra) // 8) * 8
+        queries, keys, values = (q.new_empty(b, self.num_heads, n, width) for _ in range(3))
+        for t in (queries, keys):
+            t[..., head_dim + extra :] = 0
+        values[..., head_dim:] = 0
+        queries[..., :head_dim] = q * head_dim**-0.5
+        keys[..., :head_dim] = k
+        values[..., :head_dim] = v
+        start = head_dim
+        for r in rel:
+            queries[..., start : start + r.shape[-1]] = r.reshape(b, self.num_heads, n, -1) * self.rel_pos_scale
+            start += r.shape[-1]
+        keys[..., head_dim:start] = positions
+        if regions is not None:
+            codes = F.one_hot(regions, NUM_SHIFT_REGIONS).to(q.dtype).repeat(b // regions.shape[0], 1, 1)[:, None]
+            queries[..., start : start + NUM_SHIFT_REGIONS] = -SHIFTED_WINDOW_MASK_VALUE * codes
+            keys[..., start : start + NUM_SHIFT_REGIONS] = codes
+        out = F.scaled_dot_product_attention(queries, keys, values, scale=1.0)[..., :head_dim]
         return self.proj(out.transpose(1, 2).reshape(b, d, h, w, c))
+
+
+NUM_SHIFT_REGIONS = 8  # within a window: two bands per axis at most
+
+
+def key_position_codes(size: Tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """One-hot (depth, height, width) position of every key of a window: (N, d + h + w)."""
+    d, h, w = size
+    index = torch.arange(d * h * w, device=like.device)
+    parts = [(index // (h * w), d), ((index // w) % h, h), (index % w, w)]
+    return torch.cat([F.one_hot(i, n) for i, n in parts], dim=-1).to(like.dtype)
 
 
 class Block3d(nn.Module):
@@ -192,17 +261,14 @@ class Block3d(nn.Module):
         """x: (B, D, H, W, C) -> (B, D, H, W, C)."""
         x = self.adapter(x)
         shortcut = x
-        x = self.norm1(x)
-        size = x.shape[1:4]
-        mask = None
-        if self.shift:
-            x = torch.roll(x, shifts=(-self.shift,) * 3, dims=(1, 2, 3))
-            mask = shifted_window_mask(size, self.window, self.shift, x.device)
-        windows, padded = window_partition(x, self.window)
-        x = window_unpartition(self.attn(windows, mask), self.window, padded, size)
-        if self.shift:
-            x = torch.roll(x, shifts=(self.shift,) * 3, dims=(1, 2, 3))
-        x = shortcut + x
+        b, d, h, w, c = x.shape
+        layout = window_layout((d, h, w), self.window, self.shift, x.device)
+        tokens = self.norm1(x).reshape(b, d * h * w, c)
+        if layout.padded:
+            tokens = torch.cat([tokens, tokens.new_zeros(b, 1, c)], dim=1)
+        windows = tokens[:, layout.gather].view(-1, self.window, self.window, self.window, c)
+        attended = self.attn(windows, layout.regions).reshape(b, -1, c)[:, layout.scatter]
+        x = shortcut + attended.view(b, d, h, w, c)
         return x + self.mlp(self.norm2(x))
 
 

@@ -34,14 +34,24 @@ class MaskDecoder3d(nn.Module):
             nn.Conv3d(head_chans, num_classes, 3, padding=1, bias=False),
         )
 
-    def shallow(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The three shallower (B, in_chans, g, g, g) maps through their heads: (B, 3 * head_chans, g, g, g).
+    def prepare(self, features: Sequence[torch.Tensor], low_res_image: torch.Tensor) -> torch.Tensor:
+        """The click-independent part of the decoder, computed once per crop.
 
-        They do not depend on the clicks, so a crop's refinement clicks reuse them."""
-        return torch.cat([head(f) for head, f in zip(self.heads[:3], features)], dim=1)
+        features: the three shallower (B, in_chans, g, g, g) maps; low_res_image: (B, 1, 2g, 2g, 2g).
+        The classifier's first convolution is linear in its concatenated input, so its share from these
+        inputs is summed here: (B, head_chans, 2g, 2g, 2g). A refinement click then convolves only the
+        deepest head's channels."""
+        shallow = upsample2(torch.cat([head(f) for head, f in zip(self.heads[:3], features)], dim=1))
+        weight = self.classifier[0].weight
+        return F.conv3d(shallow, weight[:, : shallow.shape[1]], padding=1) + F.conv3d(
+            low_res_image, weight[:, -1:], padding=1
+        )
 
-    def forward(self, shallow: torch.Tensor, deep: torch.Tensor, low_res_image: torch.Tensor) -> torch.Tensor:
-        """shallow: (B, 3 * head_chans, g, g, g) from :meth:`shallow`; deep: (B, in_chans, g, g, g), the deepest
-        map conditioned on the clicks; low_res_image: (B, 1, 2g, 2g, 2g) -> logits (B, num_classes, 4g, 4g, 4g)."""
-        x = upsample2(torch.cat([shallow, self.heads[3](deep)], dim=1))
-        return upsample2(self.classifier(torch.cat([x, low_res_image], dim=1)))
+    def forward(self, prepared: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """prepared: (B, head_chans, 2g, 2g, 2g) from :meth:`prepare`; deep: (B, in_chans, g, g, g), the deepest
+        map conditioned on the clicks -> logits (B, num_classes, 4g, 4g, 4g)."""
+        deep_head = upsample2(self.heads[3](deep))
+        start = 3 * deep_head.shape[1]
+        weight = self.classifier[0].weight[:, start : start + deep_head.shape[1]]
+        x = prepared + F.conv3d(deep_head, weight, padding=1)
+        return upsample2(self.classifier[1:](x))

@@ -77,7 +77,8 @@ class PromptEncoder3d(nn.Module):
         size = torch.as_tensor(crop_size, dtype=points.dtype, device=points.device)
         # Voxel centres in [-1, 1]; grid_sample wants (x, y, z) = (w, h, d).
         grid = ((points + 0.5) * 2 / size - 1).flip(-1)
-        tokens = F.grid_sample(features, grid[:, None, None], align_corners=False)  # (B, C, 1, 1, N)
+        # In float32 whatever the autocast: click positions need more precision than bfloat16 has.
+        tokens = F.grid_sample(features.float(), grid[:, None, None].float(), align_corners=False)  # (B, C, 1, 1, N)
         return tokens.flatten(2).transpose(1, 2)
 
     def forward(self, features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:

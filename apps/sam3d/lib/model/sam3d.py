@@ -20,13 +20,12 @@ from .prompt_encoder import PromptEncoder3d
 class CropEncoding:
     """Everything about one crop that clicks do not change (what the feature cache keeps)."""
 
-    shallow: torch.Tensor  # (B, 3 * head_chans, g, g, g): decoder heads on the three shallower feature maps
+    prepared: torch.Tensor  # (B, head_chans, 2g, 2g, 2g): the decoder's click-independent part
     deep: torch.Tensor  # (B, C, g, g, g): the deepest feature map, conditioned on clicks at decode time
-    low_res_image: torch.Tensor  # (B, 1, 2g, 2g, 2g): the crop at the decoder's resolution
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.shallow, self.deep, self.low_res_image))
+        return sum(t.numel() * t.element_size() for t in (self.prepared, self.deep))
 
 
 def exclude_background(prob_fg: torch.Tensor, prob_bg: torch.Tensor) -> torch.Tensor:
@@ -49,6 +48,11 @@ class Sam3D(nn.Module):
         self.mask_decoder = mask_decoder
         self.crop_size = crop_size
         self.weights_info: dict = {}  # where the weights came from, filled by build_sam3d
+        # bfloat16 autocast: the default on GPUs; on CPUs with bf16 units an opt-in (outputs differ slightly).
+        self.bfloat16 = False
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
 
     @property
     def device(self) -> torch.device:
@@ -57,14 +61,16 @@ class Sam3D(nn.Module):
     @torch.no_grad()
     def encode(self, crop: torch.Tensor) -> CropEncoding:
         """crop: (B, 1, S, S, S) normalised intensities, S = crop_size -> its click-independent encoding."""
-        features = self.image_encoder(crop)
-        low_res = F.interpolate(crop, scale_factor=0.5, mode="trilinear")
-        return CropEncoding(self.mask_decoder.shallow(features[:3]), features[3], low_res)
+        with self.autocast():
+            features = self.image_encoder(crop)
+            low_res = F.interpolate(crop, scale_factor=0.5, mode="trilinear")
+            return CropEncoding(self.mask_decoder.prepare(features[:3], low_res), features[3])
 
     def decode(self, encoding: CropEncoding, points: torch.Tensor) -> torch.Tensor:
-        """points: (B, N, 3) (d, h, w) crop voxel indices of foreground clicks -> logits (B, 2, S, S, S)."""
-        deep = self.prompt_encoder(encoding.deep, points.to(encoding.deep.dtype), (self.crop_size,) * 3)
-        return self.mask_decoder(encoding.shallow, deep, encoding.low_res_image)
+        """points: (B, N, 3) (d, h, w) crop voxel indices of foreground clicks -> logits (B, 2, S, S, S), float32."""
+        with self.autocast():
+            deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3)
+            return self.mask_decoder(encoding.prepared, deep).float()
 
     @torch.no_grad()
     def foreground_probability(
