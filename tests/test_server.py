@@ -104,9 +104,22 @@ def test_nrrd_result_has_the_image_geometry(client, server):
 
 def test_a_second_click_in_the_same_crop_skips_the_encoder(client):
     first = client.infer("sam3d", "demo_ct_03_oblique", {"foreground": [[30, 80, 40]]})[1]
-    second = client.infer("sam3d", "demo_ct_03_oblique", {"foreground": [[30, 80, 40]], "background": [[40, 90, 44]]})[1]
+    refine = {"foreground": [[30, 80, 40], [32, 82, 41]], "background": [[34, 84, 40]]}  # more clicks, same crop
+    second = client.infer("sam3d", "demo_ct_03_oblique", refine)[1]
     assert first["crops"] == second["crops"]
     assert second["encoder_runs"] == 0 and second["cache_hits"] == 1
+    assert second["image_from_cache"]  # nor was the image loaded and pre-processed again
+
+
+def test_an_image_rewritten_in_place_is_loaded_again(client, server):
+    params = {"foreground": [LESION_CLICKS["demo_ct_01"]]}
+    client.infer("sam3d", "demo_ct_01", params)
+    assert client.infer("sam3d", "demo_ct_01", params)[1]["image_from_cache"]
+    path = image_path(server, "demo_ct_01")
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as if saved again
+    again = client.infer("sam3d", "demo_ct_01", params)[1]
+    assert not again["image_from_cache"] and again["encoder_runs"] == 0  # same pixels: same crop, same features
 
 
 def test_background_clicks_never_add_foreground(client):

@@ -148,3 +148,32 @@ def test_crop_coordinates_of_a_click_address_the_same_voxel_as_in_the_volume():
         pixels = extract_crop(volume, crop)
         for local in crop.foreground:
             assert pixels[tuple(local)] == volume[tuple(local + np.asarray(crop.start))]
+
+
+@pytest.mark.parametrize("name", ["demo_ct_02_aniso", "demo_ct_03_oblique"])
+def test_resampling_only_around_the_crops_gives_the_same_mask(demo_studies, name):
+    label_path = os.path.join(demo_studies, "labels", "final", f"{name}.nii.gz")
+    data = preprocess(label_path)
+    pred = data["image"].float().clone()
+    start, size = (20, 30, 25), 40
+    outside = torch.ones_like(pred, dtype=torch.bool)
+    outside[(0, *[slice(s, s + size) for s in start])] = False
+    pred[outside] = 0.0  # what the model returns: zero outside its crops
+    pred[(0, *[slice(s, s + size) for s in start])] = 1.0  # and a crop full of foreground, edges included
+    data["pred"] = pred
+    whole = ResampleToOriginalGridd(keys="pred", ref="image", boxes_key=None)(dict(data))["pred"]
+    boxed = ResampleToOriginalGridd(keys="pred", ref="image")({**data, "crop_boxes": [(start, size)]})["pred"]
+    assert whole.sum() > 1000
+    assert np.array_equal(whole, boxed)
+    empty = ResampleToOriginalGridd(keys="pred", ref="image")({**data, "crop_boxes": []})["pred"]
+    assert empty.shape == whole.shape and empty.sum() == 0
+
+
+def test_a_refinement_click_keeps_the_crop_it_falls_in():
+    shape = (300, 300, 300)
+    first = plan_crops(np.array([[100, 100, 100]]), np.zeros((0, 3), int), shape, 128)[0]
+    assert first.start == (36, 36, 36)
+    refined = plan_crops(np.array([[100, 100, 100], [110, 95, 120]]), np.zeros((0, 3), int), shape, 128, [first.start])
+    assert refined[0].start == first.start  # not re-centred: the cached encoding stays valid
+    far = plan_crops(np.array([[100, 100, 100], [150, 100, 100]]), np.zeros((0, 3), int), shape, 128, [first.start])
+    assert far[0].start != first.start  # 150 lies within an eighth of a crop of the face at 164: re-centre

@@ -49,7 +49,8 @@ def sam_checkpoint_path(setting: str, backbone: str, model_dir: str) -> Optional
 class Sam3DTaskConfig(TaskConfig):
     """conf options: backbone (vit_b | vit_l | vit_h | tiny), checkpoint (the authors' or ours), sam_checkpoint
     (download | none | path), preset, labels (comma-separated), device (cpu | cuda), precision (auto | float32 |
-    bfloat16; auto is bfloat16 on a GPU), warmup (true | false), cache_mb."""
+    bfloat16; auto is bfloat16 on a GPU), warmup (true | false), cache_mb (crop encodings), volume_cache_mb
+    (pre-processed images)."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -68,6 +69,7 @@ class Sam3DTaskConfig(TaskConfig):
         sam = sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir)
         self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
+        self.volume_cache_bytes = int(float(conf.get("volume_cache_mb", 1024)) * 2**20)
         self.warmup = conf.get("warmup", "true").lower() in ("true", "1", "yes")
         self.network = build_sam3d(checkpoint=self.path, backbone=backbone, sam_checkpoint=sam)
         self.network.bfloat16 = precision == "bfloat16" or (precision == "auto" and self.device.startswith("cuda"))
@@ -81,6 +83,7 @@ class Sam3DTaskConfig(TaskConfig):
                 preset=self.preset,
                 device=self.device,
                 cache_bytes=self.cache_bytes,
+                volume_cache_bytes=self.volume_cache_bytes,
                 warmup=self.warmup,
             )
         }

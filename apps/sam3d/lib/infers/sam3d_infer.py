@@ -5,19 +5,27 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.model import Sam3D
-from lib.transforms.clicks import InvalidRequest, LoadImageOrRejectd, MapClicksToImaged, ValidateClicksd
+from lib.model import CropEncoding, Sam3D
+from lib.transforms.cached import CachedPreprocessd
+from lib.transforms.clicks import (
+    InvalidRequest,
+    LoadImageOrRejectd,
+    MapClicksToImaged,
+    RequireSingleChannel3Dd,
+    ValidateClicksd,
+)
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
 from lib.transforms.resample import ResampleToOriginalGridd
 
-from .feature_cache import FeatureCache, crop_key
+from .cache import BoundedCache, crop_key, file_key, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ class Sam3DInfer(BasicInferTask):
         preset: str,
         device: str,
         cache_bytes: int,
+        volume_cache_bytes: int,
         warmup: bool = False,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
     ) -> None:
@@ -49,7 +58,9 @@ class Sam3DInfer(BasicInferTask):
         self.model = model.to(device)
         self.model_version = model_version
         self.device = device
-        self.cache = FeatureCache(cache_bytes)
+        self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
+        self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
+        self.crop_history = BoundedCache(1024, lambda starts: 1)  # image version -> crops used, for 1024 images
         self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
         self.warmed_up = threading.Event()
         if warmup:  # in the background: the server answers at once, and a click during warm-up waits for it
@@ -90,13 +101,18 @@ class Sam3DInfer(BasicInferTask):
         return preset
 
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
-        preset = PRESETS[self.preset_name(data or {})]
-        return [
+        name = self.preset_name(data or {})
+        preset = PRESETS[name]
+        preprocess = [
             LoadImageOrRejectd(keys="image", reader="ITKReader"),
             EnsureChannelFirstd(keys="image"),
-            ValidateClicksd(keys="image"),
+            RequireSingleChannel3Dd(keys="image"),
             *spatial_transforms(preset),
             *intensity_transforms(preset),
+        ]
+        return [
+            CachedPreprocessd("image", preprocess, self.volumes, lambda path: file_key(path, name)),
+            ValidateClicksd(keys="image"),
             MapClicksToImaged(keys="image"),
         ]
 
@@ -110,7 +126,9 @@ class Sam3DInfer(BasicInferTask):
         image: MetaTensor = data["image"]
         volume = image[0].as_tensor().float()
         clicks = data["clicks"]
-        crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size)
+        history = self.crop_history.get(data["image_cache_key"]) or []
+        crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size, history)
+        self.crop_history.put(data["image_cache_key"], (history + [c.start for c in crops if c.start not in history])[-16:])
         preset = self.preset_name(data)
 
         prob = torch.zeros(volume.shape)
@@ -124,13 +142,15 @@ class Sam3DInfer(BasicInferTask):
                     encoding = self.model.encode(pixels[None, None].to(self.device))
                     self.cache.put(key, encoding)
                     encoder_runs += 1
-                points = torch.as_tensor(list(crop.foreground) + list(crop.background)).reshape(-1, 3)
+                points = torch.as_tensor(np.concatenate([crop.foreground, crop.background])).reshape(-1, 3)
                 labels = torch.cat([torch.ones(len(crop.foreground)), torch.zeros(len(crop.background))]).long()
                 paste_max(prob, self.model.foreground_probability(encoding, points, labels).float().cpu(), crop)
 
-        data["pred"] = MetaTensor(prob[None], affine=image.affine, meta=dict(image.meta))
+        data["pred"] = MetaTensor(prob[None], meta=dict(image.meta))  # the meta holds the model grid's affine
+        data["crop_boxes"] = [(crop.start, crop.size) for crop in crops]
         data["result"] = {
             "preset": preset,
+            "image_from_cache": data["image_from_cache"],
             "crops": [list(c.start) for c in crops],
             "encoder_runs": encoder_runs,
             "cache_hits": len(crops) - encoder_runs,

@@ -171,6 +171,17 @@ def relative_position_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return rel_pos[coords[:, None] - coords[None, :] + size - 1]
 
 
+NUM_SHIFT_REGIONS = 8  # within a window: two bands per axis at most
+
+
+def key_position_codes(size: Tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """One-hot (depth, height, width) position of every key of a window: (N, d + h + w)."""
+    d, h, w = size
+    index = torch.arange(d * h * w, device=like.device)
+    parts = [(index // (h * w), d), ((index // w) % h, h), (index % w, w)]
+    return torch.cat([F.one_hot(i, n) for i, n in parts], dim=-1).to(like.dtype)
+
+
 class WindowAttention3d(nn.Module):
     """Multi-head self-attention in cubic windows, with decomposed (depth, height, width) relative positions."""
 
@@ -229,17 +240,6 @@ class WindowAttention3d(nn.Module):
             keys[..., start : start + NUM_SHIFT_REGIONS] = codes
         out = F.scaled_dot_product_attention(queries, keys, values, scale=1.0)[..., :head_dim]
         return self.proj(out.transpose(1, 2).reshape(b, d, h, w, c))
-
-
-NUM_SHIFT_REGIONS = 8  # within a window: two bands per axis at most
-
-
-def key_position_codes(size: Tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
-    """One-hot (depth, height, width) position of every key of a window: (N, d + h + w)."""
-    d, h, w = size
-    index = torch.arange(d * h * w, device=like.device)
-    parts = [(index // (h * w), d), ((index // w) % h, h), (index % w, w)]
-    return torch.cat([F.one_hot(i, n) for i, n in parts], dim=-1).to(like.dtype)
 
 
 class Block3d(nn.Module):

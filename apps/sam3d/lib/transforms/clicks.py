@@ -63,18 +63,22 @@ class LoadImageOrRejectd(LoadImaged):
             raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__})") from e
 
 
-class ValidateClicksd(MapTransform):
-    """Check the request's clicks against the loaded image's size; store them as ``data['clicks']``."""
+class RequireSingleChannel3Dd(MapTransform):
+    """The model needs one 3D volume: a 2D slice or a multi-channel image is the request's fault."""
 
-    def __init__(self, keys: KeysCollection = "image") -> None:
-        super().__init__(keys)
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        image = data[self.keys[0]]
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise InvalidRequest(f"a single-channel 3D image is needed; this one has shape {list(image.shape)}")
+        return data
+
+
+class ValidateClicksd(MapTransform):
+    """Check the request's clicks against the image's size as stored; store them as ``data['clicks']``."""
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         d = dict(data)
-        image = d[self.keys[0]]
-        if image.ndim != 4 or image.shape[0] != 1:
-            raise InvalidRequest(f"a single-channel 3D image is needed; this one has shape {list(image.shape)}")
-        d["clicks"] = validate_clicks(d, image.shape[1:])
+        d["clicks"] = validate_clicks(d, [int(n) for n in d[self.keys[0]].meta["spatial_shape"]])
         return d
 
 

@@ -26,10 +26,19 @@ def crop_start(center: np.ndarray, shape: Sequence[int], size: int) -> Tuple[int
     return tuple(int(s) for s in np.clip(start, 0, upper))
 
 
-def plan_crops(foreground: np.ndarray, background: np.ndarray, shape: Sequence[int], size: int) -> List[Crop]:
+def plan_crops(
+    foreground: np.ndarray,
+    background: np.ndarray,
+    shape: Sequence[int],
+    size: int,
+    reusable: Sequence[Tuple[int, int, int]] = (),
+) -> List[Crop]:
     """Group foreground clicks whose bounding box spans at most half a crop, so each keeps context around it.
 
-    Background clicks go to every crop that contains them; one outside all crops cannot remove anything.
+    A group whose clicks all lie inside a ``reusable`` crop (an earlier crop of this image), at least an eighth
+    of a crop from its faces, keeps that crop, and with it the cached encoding: a refinement click should not
+    move the crop. Otherwise the crop is centred on the group. Background clicks go to every crop that contains
+    them; one outside all crops cannot remove anything.
     """
     groups: List[List[np.ndarray]] = []
     for point in foreground:
@@ -41,10 +50,12 @@ def plan_crops(foreground: np.ndarray, background: np.ndarray, shape: Sequence[i
         else:
             groups.append([point])
 
+    margin = size // 8
     crops = []
     for group in groups:
         members = np.stack(group)
-        start = np.asarray(crop_start((members.max(0) + members.min(0)) // 2, shape, size))
+        fits = [s for s in reusable if ((members >= np.add(s, margin)) & (members < np.add(s, size - margin))).all()]
+        start = np.asarray(fits[0] if fits else crop_start((members.max(0) + members.min(0)) // 2, shape, size))
         inside = np.all((background >= start) & (background < start + size), axis=1)
         crops.append(Crop(tuple(int(s) for s in start), size, members - start, background[inside] - start))
     return crops
