@@ -210,7 +210,8 @@ def rest_figures(args) -> Dict[str, str]:
                 raise RuntimeError("the server did not start; see " + log.name)
             time.sleep(1)
         rows = {}
-        for name, clicks in (("first", [click]), ("cached", [click, [click[0] + 3, click[1], click[2]]])):
+        refinement = [click, [click[0] + 3, click[1] - 2, click[2]]]  # one more click on the same lesion
+        for name, clicks in (("first", [click]), ("refinement", refinement)):
             body = json.dumps({"foreground": clicks}).encode()
             boundary = "benchmark"
             form = f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'.encode() + body
@@ -225,6 +226,7 @@ def rest_figures(args) -> Dict[str, str]:
             rows[f"REST {name} click, end to end (s)"] = total
             rows[f"REST {name} click, model (s)"] = result["model_seconds"]
             rows[f"REST {name} click, server overhead share"] = 1 - result["model_seconds"] / total
+            rows[f"REST {name} click, encoder runs"] = result["encoder_runs"]
         return rows
     finally:
         server.terminate()
@@ -240,6 +242,7 @@ def main() -> None:
     parser.add_argument("--reference", help="a local checkout of med-air/3DSAM-adapter (vit_b only)")
     parser.add_argument("--bfloat16", action="store_true", help="also time the bfloat16 path and its output change")
     parser.add_argument("--rest", action="store_true", help="also time a click through a server on loopback")
+    parser.add_argument("--rest-only", action="store_true", help="only the server figures")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -254,8 +257,8 @@ def main() -> None:
         args.reference = None
     torch.set_num_threads(args.threads)
 
-    rows = model_figures(args)
-    if args.rest:
+    rows = {} if args.rest_only else model_figures(args)
+    if args.rest or args.rest_only:
         rows.update(rest_figures(args))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"machine: {device}; {os.cpu_count()} cores; torch {torch.__version__}; threads {torch.get_num_threads()}")
