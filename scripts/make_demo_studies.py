@@ -10,6 +10,7 @@ one volume is isotropic and axis-aligned, one anisotropic with permuted and flip
 import argparse
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -65,6 +66,24 @@ STUDIES = [
 ]
 
 
+def random_studies(count: int, seed: int = 1000) -> List[Study]:
+    """More studies of the same kind, with lesions of random place, size and contrast (e.g. for training)."""
+    rng = np.random.default_rng(seed)
+    directions = [np.eye(3), np.array([[0, 0, -1], [0, -1, 0], [-1, 0, 0]], float), rotation_z(15.0)]
+    studies = []
+    for index in range(count):
+        shape = (96, 96, 64)
+        spacing = tuple(rng.choice([0.8, 1.0, 1.2], size=2).tolist()) + (float(rng.choice([1.0, 1.5, 2.0])),)
+        lesions = []
+        for _ in range(int(rng.integers(1, 3))):
+            centre = tuple((np.array([15.0, 5.0, 0.0]) + rng.uniform(-30, 30, 3) * [1, 1, 0.6]).tolist())
+            radii = tuple(rng.uniform(5, 11, 3).tolist())
+            lesions.append((centre, radii, float(rng.choice([rng.uniform(10, 30), rng.uniform(110, 140)]))))
+        direction = directions[index % len(directions)]
+        studies.append(Study(f"random_{index:03d}", shape, make_affine(direction, spacing, shape), lesions))
+    return studies
+
+
 def world_grid(study: Study) -> np.ndarray:
     """RAS millimetres of every voxel centre, (i, j, k, 3)."""
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in study.shape], indexing="ij"), axis=-1).astype(np.float64)
@@ -91,15 +110,15 @@ def render(study: Study, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarr
     return image.astype(np.int16), label
 
 
-def write_studies(out: str, force: bool = False) -> List[str]:
+def write_studies(out: str, force: bool = False, studies: List[Study] = STUDIES) -> List[str]:
     os.makedirs(os.path.join(out, "labels", "final"), exist_ok=True)
     written = []
-    for index, study in enumerate(tqdm(STUDIES, desc="demo studies")):
+    for study in tqdm(studies, desc="demo studies"):
         image_path = os.path.join(out, f"{study.name}.nii.gz")
         label_path = os.path.join(out, "labels", "final", f"{study.name}.nii.gz")
         if not force and os.path.exists(image_path) and os.path.exists(label_path):
             continue
-        image, label = render(study, np.random.default_rng(index))
+        image, label = render(study, np.random.default_rng(zlib.crc32(study.name.encode())))
         nib.save(nib.Nifti1Image(image, study.affine), image_path)
         nib.save(nib.Nifti1Image(label, study.affine), label_path)
         written.append(image_path)

@@ -222,7 +222,7 @@ class WindowAttention3d(nn.Module):
         extra = positions.shape[1] + (NUM_SHIFT_REGIONS if regions is not None else 0)
         # Fused kernels want one head size for q, k and v, a multiple of 8: the unused channels are zero.
         width = -(-(head_dim + extra) // 8) * 8
-        queries, keys, values = (q.new_empty(b, self.num_heads, n, width) for _ in range(3))
+        queries, keys, values = (q.new_empty((b, self.num_heads, n, width)) for _ in range(3))
         for t in (queries, keys):
             t[..., head_dim + extra :] = 0
         values[..., head_dim:] = 0

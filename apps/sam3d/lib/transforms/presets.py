@@ -55,11 +55,11 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-def spatial_transforms(preset: Preset, keys: str = "image") -> list:
-    """Reorient to the model's axes and resample to the preset spacing (invertible, MetaTensor-tracked)."""
+def spatial_transforms(preset: Preset, keys=("image",), modes=("bilinear",)) -> list:
+    """Reorient to the model's axes and resample to the preset spacing (labels: ``modes`` "nearest")."""
     return [
         Orientationd(keys=keys, axcodes=MODEL_AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys=keys, pixdim=preset.spacing, mode="bilinear"),
+        Spacingd(keys=keys, pixdim=preset.spacing, mode=modes),
     ]
 
 

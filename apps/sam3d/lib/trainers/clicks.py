@@ -1,0 +1,36 @@
+"""Clicks as a radiologist gives them, simulated for training and evaluation.
+
+A first click goes where a user aims: well inside the lesion (the deeper, the likelier). A correction click
+goes on the largest error of the current mask, at the point farthest from its border: a foreground click on
+missed tumour, a background click on a leak.
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+
+def interior_click(region: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """A voxel of ``region`` (bool, 3D): its deepest voxel, or with ``rng`` one drawn in proportion to depth^2."""
+    depth = ndimage.distance_transform_edt(region)
+    if rng is None:
+        return np.array(np.unravel_index(depth.argmax(), region.shape))
+    weights = depth.ravel() ** 2
+    return np.array(np.unravel_index(rng.choice(weights.size, p=weights / weights.sum()), region.shape))
+
+
+def correction_click(prediction: np.ndarray, label: np.ndarray) -> Optional[Tuple[np.ndarray, int]]:
+    """(click, 1 = foreground / 0 = background) at the centre of the largest error region, or None if none."""
+    best = None
+    for error, click_label in ((label & ~prediction, 1), (prediction & ~label, 0)):
+        components, count = ndimage.label(error)
+        if count == 0:
+            continue
+        sizes = ndimage.sum(error, components, range(1, count + 1))
+        largest = int(np.argmax(sizes)) + 1
+        if best is None or sizes[largest - 1] > best[0]:
+            best = (sizes[largest - 1], components == largest, click_label)
+    if best is None:
+        return None
+    return interior_click(best[1]), best[2]
