@@ -60,7 +60,7 @@ class Sam3DInfer(BasicInferTask):
         self.device = device
         self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
         self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
-        self.crop_history = BoundedCache(1024, lambda starts: 1)  # image version -> crops used, for 1024 images
+        self.crop_history = BoundedCache(1024, lambda starts: 1)  # image version -> its last 16 crops, 1024 images
         self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
         self.warmed_up = threading.Event()
         if warmup:  # in the background: the server answers at once, and a click during warm-up waits for it
@@ -128,7 +128,8 @@ class Sam3DInfer(BasicInferTask):
         clicks = data["clicks"]
         history = self.crop_history.get(data["image_cache_key"]) or []
         crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size, history)
-        self.crop_history.put(data["image_cache_key"], (history + [c.start for c in crops if c.start not in history])[-16:])
+        used = [crop.start for crop in crops]
+        self.crop_history.put(data["image_cache_key"], ([s for s in history if s not in used] + used)[-16:])
         preset = self.preset_name(data)
 
         prob = torch.zeros(volume.shape)
