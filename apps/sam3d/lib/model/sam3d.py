@@ -70,10 +70,6 @@ class Sam3D(nn.Module):
             low_res = F.interpolate(crop, scale_factor=0.5, mode="trilinear")
             return CropEncoding(self.mask_decoder.prepare(features[:3], low_res), features[3])
 
-    def forward(self, crop: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """crop: (1, 1, S, S, S); points: (1, N, 3) foreground clicks -> logits (1, 2, S, S, S), with gradients."""
-        return self.decode(self.encode_with_grad(crop), points)
-
     def decode(self, encoding: CropEncoding, points: torch.Tensor) -> torch.Tensor:
         """points: (B, N, 3) (d, h, w) crop voxel indices of foreground clicks -> logits (B, 2, S, S, S), float32."""
         with self.autocast():
