@@ -186,3 +186,26 @@ def test_a_2d_image_is_a_422(client, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), path)
     with pytest.raises(MONAILabelClientException, match="422.*3D"):
         client.infer("sam3d", "", {"foreground": [[1, 1]]}, file=str(path))
+
+
+@pytest.mark.parametrize("preset", ["kits", "mr"])
+def test_a_few_nan_and_infinite_voxels_do_not_spoil_the_mask(client, server, tmp_path, preset):
+    # NRRD, because ITK's NIfTI reader already zeroes non-finite voxels.
+    image = itk.imread(image_path(server, "demo_ct_01"), itk.F)
+    i, j, k = LESION_CLICKS["demo_ct_01"]
+    data = itk.array_from_image(image)  # indexed (k, j, i)
+    paths = [tmp_path / "clean.nrrd", tmp_path / "broken.nrrd"]
+    for path in paths:
+        copy = itk.image_from_array(data)
+        copy.CopyInformation(image)
+        itk.imwrite(copy, str(path))
+        data[k + 2, j, i + 4] = np.nan  # inside the crop, next to the lesion
+        data[k, j + 3, i - 5] = np.inf
+        data[:, :, :3] = -np.inf  # and a corrupt border
+    masks = [
+        itk.array_from_image(itk.imread(client.infer("sam3d", "", {"foreground": [[i, j, k]], "preset": preset,
+                                                                  "result_extension": ".nrrd"}, file=str(p))[0]))
+        for p in paths
+    ]
+    assert masks[0].sum() > 0
+    assert 2 * (masks[0] & masks[1]).sum() / (masks[0].sum() + masks[1].sum()) > 0.9

@@ -18,6 +18,7 @@ from lib.transforms.clicks import (
     InvalidRequest,
     LoadImageOrRejectd,
     MapClicksToImaged,
+    ReplaceNonFinited,
     RequireSingleChannel3Dd,
     ValidateClicksd,
 )
@@ -107,6 +108,7 @@ class Sam3DInfer(BasicInferTask):
             LoadImageOrRejectd(keys="image", reader="ITKReader"),
             EnsureChannelFirstd(keys="image"),
             RequireSingleChannel3Dd(keys="image"),
+            ReplaceNonFinited(keys="image"),
             *spatial_transforms(preset),
             *intensity_transforms(preset),
         ]

@@ -73,6 +73,18 @@ class RequireSingleChannel3Dd(MapTransform):
         return data
 
 
+class ReplaceNonFinited(MapTransform):
+    """NaN or infinite voxels (a broken export, a failed reconstruction) become 0, so that windowing and the
+    normalisation statistics stay finite; the rest of the image is untouched."""
+
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if not torch.isfinite(d[key]).all():
+                d[key] = torch.nan_to_num(d[key], nan=0.0, posinf=0.0, neginf=0.0)
+        return d
+
+
 class ValidateClicksd(MapTransform):
     """Check the request's clicks against the image's size as stored; store them as ``data['clicks']``."""
 
