@@ -16,6 +16,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def rest_figures(args) -> Dict[str, str]:
     """One image, first click then a cached click, through a real server on loopback."""
     studies = tempfile.mkdtemp()
     click = ct_like_volume(os.path.join(studies, "ct_512.nii.gz"))
-    port = 8000 + os.getpid() % 1000
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     conf = ["--conf", "backbone", args.backbone, "--conf", "sam_checkpoint", "none", "--conf", "warmup", "true"]
     log = open(os.path.join(studies, "server.log"), "w")
     server = subprocess.Popen(
