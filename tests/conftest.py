@@ -42,33 +42,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, demo_studies, tiny_checkpoint):
-    """A real `monailabel start_server` on loopback with the tiny configuration; yields (url, studies, log path)."""
-    studies = str(tmp_path_factory.mktemp("served"))
-    shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
+def start_server(app, studies, conf, log_path):
+    """`monailabel start_server` on a free loopback port; returns (process, url) once /info/ answers."""
     port = free_port()
-    log_path = str(tmp_path_factory.mktemp("logs") / "server.log")
-    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", tiny_checkpoint[0]]
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP, "--studies", studies]
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *conf]
-    env = {**os.environ, "PYTHONPATH": ""}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ""}, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
         try:
             urllib.request.urlopen(f"{url}/info/", timeout=5).read()
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 raise RuntimeError(f"server did not start:\n{open(log_path).read()[-5000:]}")
             time.sleep(1)
-    yield url, studies, log_path
+
+
+def stop_server(proc):
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, demo_studies, tiny_checkpoint):
+    """A real `monailabel start_server` on loopback with the tiny configuration; yields (url, studies, log path)."""
+    studies = str(tmp_path_factory.mktemp("served"))
+    shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
+    log_path = str(tmp_path_factory.mktemp("logs") / "server.log")
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", tiny_checkpoint[0]]
+    proc, url = start_server(APP, studies, conf, log_path)
+    yield url, studies, log_path
+    stop_server(proc)

@@ -7,6 +7,7 @@ from typing import Dict
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.configs.sam3d import Sam3DTaskConfig
 from lib.transforms.clicks import InvalidRequest
@@ -30,6 +31,15 @@ class Sam3DApp(MONAILabelApp):
 
     def init_infers(self) -> Dict[str, InferTask]:
         return self.task.infer()
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {self.task.name: self.task.trainer()}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        # Only the server calls this (not MONAI Label's training subprocess), so only it warms up.
+        if self.task.warmup:
+            self._infers[self.task.name].start_warm_up()
 
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:

@@ -10,6 +10,7 @@ from monai.apps import download_url
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.sam3d_infer import Sam3DInfer
+from lib.trainers.sam3d_trainer import Sam3DTrainer
 from lib.model import CONFIGS, build_sam3d
 from lib.transforms.presets import PRESETS
 
@@ -64,15 +65,23 @@ class Sam3DTaskConfig(TaskConfig):
         precision = conf.get("precision", "auto")
         if precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"conf precision {precision!r} is unknown; choose auto, float32 or bfloat16")
-        published = os.path.join(model_dir, PUBLISHED_MODEL)
-        self.path = conf.get("checkpoint") or (published if os.path.exists(published) else None)
-        sam = sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir)
+        self.published = os.path.join(model_dir, PUBLISHED_MODEL)
+        self.conf_checkpoint = conf.get("checkpoint")
+        self.backbone = backbone
+        self.sam = sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir)
         self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.bfloat16 = precision == "bfloat16" or (precision == "auto" and self.device.startswith("cuda"))
         self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
         self.volume_cache_bytes = int(float(conf.get("volume_cache_mb", 1024)) * 2**20)
         self.warmup = conf.get("warmup", "true").lower() in ("true", "1", "yes")
-        self.network = build_sam3d(checkpoint=self.path, backbone=backbone, sam_checkpoint=sam)
-        self.network.bfloat16 = precision == "bfloat16" or (precision == "auto" and self.device.startswith("cuda"))
+        self.network = self.build_model()
+
+    def build_model(self):
+        """The model in use: the last published training result if any, else the conf checkpoint."""
+        self.path = self.published if os.path.exists(self.published) else self.conf_checkpoint
+        model = build_sam3d(checkpoint=self.path, backbone=self.backbone, sam_checkpoint=self.sam)
+        model.bfloat16 = self.bfloat16
+        return model.to(self.device)
 
     def infer(self):
         return {
@@ -84,9 +93,16 @@ class Sam3DTaskConfig(TaskConfig):
                 device=self.device,
                 cache_bytes=self.cache_bytes,
                 volume_cache_bytes=self.volume_cache_bytes,
-                warmup=self.warmup,
+                published_path=self.published,
+                rebuild=self.build_model,
             )
         }
 
     def trainer(self):
-        return None
+        return Sam3DTrainer(
+            build_model=self.build_model,
+            preset=self.preset,
+            backbone=self.network.weights_info["backbone"],
+            publish_path=self.published,
+            stats_path=os.path.join(self.model_dir, "train_stats.json"),
+        )

@@ -1,7 +1,9 @@
 """The MONAI Label infer task: validate -> pre-process -> crops -> model (+ feature cache) -> stitch -> invert -> write."""
 
 import logging
+import os
 import threading
+import uuid
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -12,7 +14,7 @@ from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.model import CropEncoding, Sam3D
+from lib.model import CheckpointError, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
 from lib.transforms.clicks import (
     InvalidRequest,
@@ -43,7 +45,8 @@ class Sam3DInfer(BasicInferTask):
         device: str,
         cache_bytes: int,
         volume_cache_bytes: int,
-        warmup: bool = False,
+        published_path: Optional[str] = None,
+        rebuild: Optional[Callable[[], Sam3D]] = None,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
     ) -> None:
         super().__init__(
@@ -64,8 +67,14 @@ class Sam3DInfer(BasicInferTask):
         self.crop_history = BoundedCache(1024, lambda starts: 1)  # image version -> its last 16 crops, 1024 images
         self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
         self.warmed_up = threading.Event()
-        if warmup:  # in the background: the server answers at once, and a click during warm-up waits for it
-            threading.Thread(target=self.warm_up, name="sam3d-warm-up", daemon=True).start()
+        # A model that training publishes later replaces this one at the next click (see reload_if_published).
+        self.published_path = published_path
+        self.rebuild = rebuild
+        self._published_mtime = self.published_mtime() if model.weights_info.get("checkpoint") == published_path else None
+
+    def start_warm_up(self) -> None:
+        """In the background: the server answers at once, and a click during warm-up waits for it."""
+        threading.Thread(target=self.warm_up, name="sam3d-warm-up", daemon=True).start()
 
     def warm_up(self) -> None:
         """Run one crop through the model so that the first user click pays no one-off costs (kernel selection,
@@ -77,6 +86,28 @@ class Sam3DInfer(BasicInferTask):
             self.model.foreground_probability(encoding, torch.tensor([[size // 2] * 3]))
         self.warmed_up.set()
         logger.info(f"sam3d: warm-up done in {time.time() - start:.1f}s")
+
+    def published_mtime(self) -> Optional[int]:
+        if not self.published_path or not os.path.exists(self.published_path):
+            return None
+        return os.stat(self.published_path).st_mtime_ns
+
+    def reload_if_published(self) -> None:
+        """Swap in a newly published model (training writes it atomically); a broken file keeps the current one."""
+        mtime = self.published_mtime()
+        if mtime is None or mtime == self._published_mtime or self.rebuild is None:
+            return
+        with self._model_lock:
+            if mtime == self._published_mtime:
+                return
+            self._published_mtime = mtime
+            try:
+                model = self.rebuild()
+            except CheckpointError as e:
+                logger.error(f"sam3d: keeping the model in use; the published one does not load: {e}")
+                return
+            self.model, self.model_version = model.to(self.device), uuid.uuid4().hex
+        logger.info(f"sam3d: now serving {self.published_path}")
 
     def info(self) -> Dict[str, Any]:
         return {
@@ -125,6 +156,7 @@ class Sam3DInfer(BasicInferTask):
         return [ResampleToOriginalGridd(keys="pred", ref="image")]
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> Dict[str, Any]:
+        self.reload_if_published()
         image: MetaTensor = data["image"]
         volume = image[0].as_tensor().float()
         clicks = data["clicks"]

@@ -151,6 +151,7 @@ def describe_weights(
         adapters = f"{checkpoint} (sam3d format)" if kind == "sam3d" else "untrained (initialisation)"
     return {
         "backbone": backbone,
+        "checkpoint": checkpoint,
         "sam_backbone": sam,
         "adapters": adapters,
         "loads": [r.summary() for r in reports],

@@ -1,0 +1,105 @@
+"""The MONAI Label train task: fine-tune on the datastore's final labels, then publish our checkpoint."""
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable, Dict
+
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.model import Sam3D, freeze_backbone, save_sam3d
+
+from .data import load_labelled
+from .evaluate import lesion_dice
+from .fit import fit
+
+logger = logging.getLogger(__name__)
+
+
+def write_json_atomically(obj: Dict[str, Any], path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class Sam3DTrainer(TrainTask):
+    """Fine-tunes the model in use on the datastore's images whose labels are tagged final.
+
+    MONAI Label's BasicTrainTask drives ignite's SupervisedTrainer, which calls ``network(inputs)`` once per
+    batch. A click-prompted model needs its own iteration (a simulated first click, then correction clicks, all
+    decoded from one encoder pass), so this task runs that loop itself and keeps MONAI Label's train contract:
+    a request with options, stats on disk for ``/train/``, and a published model that inference picks up."""
+
+    def __init__(
+        self,
+        build_model: Callable[[], Sam3D],
+        preset: str,
+        backbone: str,
+        publish_path: str,
+        stats_path: str,
+    ) -> None:
+        super().__init__("Fine-tune the 3DSAM-adapter on saved final labels (adapters, necks, prompt encoder, decoder)")
+        self.build_model = build_model
+        self.preset = preset
+        self.backbone = backbone
+        self.publish_path = publish_path
+        self.stats_path = stats_path
+        self.options = {"steps": 200, "learning_rate": 4e-4, "val_split": 0.2, "seed": 0}
+
+    def config(self) -> Dict[str, Any]:
+        return dict(self.options)
+
+    def stats(self) -> Dict[str, Any]:
+        if not os.path.exists(self.stats_path):
+            return {}
+        with open(self.stats_path) as f:
+            return json.load(f)
+
+    def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
+        options = {**self.options, **request}
+        start = time.time()
+        datalist = sorted(datastore.datalist(), key=lambda d: d["image"])
+        if not datalist:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no images with a final label to train on")
+        order = np.random.default_rng(int(options["seed"])).permutation(len(datalist))
+        n_val = int(round(len(datalist) * float(options["val_split"]))) if len(datalist) > 1 else 0
+        val = [datalist[i] for i in order[:n_val]]
+        train = [datalist[i] for i in order[n_val:]]
+        logger.info(f"sam3d training: {len(train)} training and {len(val)} validation images")
+
+        model = self.build_model()
+        if model.weights_info["sam_backbone"].startswith("random"):
+            # Freezing only makes sense over pretrained SAM weights; a random backbone trains with the rest.
+            for p in model.parameters():
+                p.requires_grad = True
+        else:
+            freeze_backbone(model)
+        volumes = [load_labelled(d["image"], d["label"], self.preset) for d in train]
+        losses = fit(model, volumes, int(options["steps"]), float(options["learning_rate"]), int(options["seed"]))
+
+        scores = []
+        for d in val:
+            image, label = load_labelled(d["image"], d["label"], self.preset)
+            scores += lesion_dice(model, image[0], label[0].numpy())
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        stats = {
+            "total_time": round(time.time() - start, 2),
+            "steps": len(losses),
+            "train_loss": float(np.mean(losses[-20:])),
+            "val_one_click_dice": float(np.mean(scores)) if scores else None,
+            "train_images": len(train),
+            "val_images": len(val),
+            "published": self.publish_path,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        save_sam3d(model, self.publish_path, self.backbone, trained, meta={"preset": self.preset, **stats})
+        write_json_atomically(stats, self.stats_path)
+        logger.info(f"sam3d training done: {stats}")
+        return stats
