@@ -3,6 +3,8 @@
 import os
 import shutil
 import time
+import urllib.error
+import urllib.request
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +24,7 @@ def training_server(tmp_path_factory, demo_studies):
         folder == APP and n in ("model", "logs"))])
     studies = str(tmp_path_factory.mktemp("studies"))
     shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
+    shutil.copy(os.path.join(studies, "demo_ct_03_oblique.nii.gz"), os.path.join(studies, "unlabelled_01.nii.gz"))
     conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "warmup", "false"]
     proc, url = start_server(app, studies, conf, str(tmp_path_factory.mktemp("logs") / "server.log"))
     yield url, app, studies
@@ -60,3 +63,28 @@ def test_training_publishes_a_model_that_the_next_click_uses(training_server, tm
     reloaded = build_sam3d(checkpoint=published)  # what was published loads on its own, with every trained tensor
     assert reloaded.weights_info["backbone"] == "tiny"
     assert torch.load(published, weights_only=True)["meta"]["steps"] == 20
+
+
+def test_strategies_and_scoring_through_rest(training_server, tmp_path):
+    url, _, _ = training_server
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    info = client.info()
+    assert {"random", "first"} <= set(info["strategies"]) and "dice" in info["scoring"]
+    assert client.next_sample("first", {})["id"] == "unlabelled_01"  # the only image without a final label
+    assert client.next_sample("random", {})["id"] == "unlabelled_01"
+
+    # The model's mask saved as `original` next to the radiologist's `final` one, then scored.
+    client.infer("sam3d", "demo_ct_01", {"foreground": [[83, 73, 47]], "save_label": True})
+    deadline = time.time() + 120
+    while True:  # MONAI Label answers 429 while a scoring run it started itself (after a label save) is going
+        request = urllib.request.Request(f"{url}/scoring/dice?run_sync=true", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=120).read()
+            break
+        except urllib.error.HTTPError as e:
+            assert e.code == 429 and time.time() < deadline, e
+            time.sleep(1)
+    datastore = client.datastore()
+    image_info = datastore["objects"]["demo_ct_01"]["image"]["info"]
+    assert 0 <= image_info["dice"] <= 1

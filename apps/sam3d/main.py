@@ -7,7 +7,12 @@ from typing import Dict
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.scoring.dice import Dice
 
 from lib.configs.sam3d import Sam3DTaskConfig
 from lib.transforms.clicks import InvalidRequest
@@ -34,6 +39,13 @@ class Sam3DApp(MONAILabelApp):
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         return {self.task.name: self.task.trainer()}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        # How much the radiologist corrected: Dice of the model's mask (original) against the saved one (final).
+        return {"dice": Dice()}
 
     def on_init_complete(self):
         super().on_init_complete()
