@@ -219,8 +219,25 @@ def load_sam3d(model: nn.Module, obj: dict, source: str) -> LoadReport:
     return apply_state(model, dict(obj["state_dict"]), LoadReport(source))
 
 
+def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place: a reader sees the old
+    file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def save_sam3d(model: nn.Module, path: str, backbone: str, trainable: Iterable[str], meta: Optional[dict] = None):
-    """Write the trained tensors atomically: a reader sees the old file or the new one, never half of one."""
+    """Write the trained tensors atomically."""
     state = model.state_dict()
     obj = {
         "format": FORMAT_NAME,
@@ -229,15 +246,4 @@ def save_sam3d(model: nn.Module, path: str, backbone: str, trainable: Iterable[s
         "state_dict": {name: state[name].detach().cpu() for name in trainable},
         "meta": meta or {},
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -3,30 +3,22 @@
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Callable, Dict
 
 import numpy as np
-import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.model import Sam3D, freeze_backbone, save_sam3d
+from lib.model.checkpoints import atomic_write
 
 from .data import load_labelled
 from .evaluate import lesion_dice
 from .fit import fit
 
 logger = logging.getLogger(__name__)
-
-
-def write_json_atomically(obj: Dict[str, Any], path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 class Sam3DTrainer(TrainTask):
@@ -100,6 +92,6 @@ class Sam3DTrainer(TrainTask):
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         save_sam3d(model, self.publish_path, self.backbone, trained, meta={"preset": self.preset, **stats})
-        write_json_atomically(stats, self.stats_path)
+        atomic_write(self.stats_path, lambda f: json.dump(stats, f, indent=2), mode="w")
         logger.info(f"sam3d training done: {stats}")
         return stats
