@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.trainers.clicks import correction_click, interior_click
+from lib.trainers.clicks import background_click, correction_click, interior_click
 
 
 def ball(shape, centre, radius):
@@ -28,3 +28,48 @@ def test_a_correction_goes_on_the_largest_error_with_its_kind():
     click, kind = correction_click(leak, truth)
     assert kind == 0 and leak[tuple(click)] and not truth[tuple(click)]
     assert correction_click(truth, truth) is None
+
+
+def test_background_clicks_fall_outside_the_lesion_near_it_and_far_from_it():
+    from scipy import ndimage
+
+    lesion = ball((48, 48, 48), (24, 24, 24), 8)
+    distance = ndimage.distance_transform_edt(~lesion)
+    rng = np.random.default_rng(0)
+    distances = np.array([distance[tuple(background_click(lesion, rng))] for _ in range(200)])
+    assert (distances > 2).all()
+    near = (distances <= 10).mean()
+    assert 0.35 < near < 0.65, near  # half near the lesion, half farther away
+    assert background_click(np.ones((8, 8, 8), bool), rng) is None
+
+
+def test_training_crops_keep_the_crop_size_the_label_binary_and_slices_unmixed_for_thick_slice_presets():
+    import torch
+
+    from lib.trainers.augment import training_crops
+    from lib.transforms.presets import PRESETS
+
+    image = torch.arange(60, dtype=torch.float32)[:, None, None].expand(60, 50, 50)[None].clone()  # value = slice
+    label = torch.as_tensor(ball((60, 50, 50), (30, 25, 25), 6))[None].float()
+    for name in ("kits", "colon", "mr"):
+        transform = training_crops(PRESETS[name], 32)
+        transform.set_random_state(seed=1)
+        for _ in range(8):
+            crop = transform({"image": image, "label": label})[0]
+            assert crop["image"].shape == (1, 32, 32, 32) and set(crop["label"].unique().tolist()) <= {0.0, 1.0}
+            if PRESETS[name].in_plane_augmentation:  # rotations and zooms stay within slices
+                in_slice_spread = crop["image"][0].flatten(1).std(dim=1)
+                assert in_slice_spread.max() < 1e-3, in_slice_spread.max()
+
+
+def test_mask_uncertainty_is_zero_for_a_crisp_mask_and_grows_with_undecided_voxels():
+    import torch
+
+    from lib.activelearning.uncertain import mask_uncertainty
+
+    crisp = torch.zeros(20, 20, 20)
+    crisp[5:15, 5:15, 5:15] = 1
+    assert mask_uncertainty(crisp) == 0 and mask_uncertainty(torch.zeros(5, 5, 5)) == 0
+    soft = crisp * 0.9 + 0.05
+    softer = crisp * 0.5 + 0.3
+    assert 0 < mask_uncertainty(soft) < mask_uncertainty(softer) < 1

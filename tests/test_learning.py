@@ -10,6 +10,7 @@ from lib.model import build_sam3d
 from lib.trainers.data import load_labelled
 from lib.trainers.evaluate import lesion_dice
 from lib.trainers.fit import fit
+from lib.transforms.presets import PRESETS
 
 STEPS = 400
 
@@ -48,9 +49,73 @@ def test_a_tiny_model_learns_to_segment_held_out_lesions_from_one_click(training
         p.requires_grad = True
     before = held_out_dice(model, demo_studies)
 
-    losses = fit(model, training_studies, STEPS, lr=1e-3)
+    losses, _ = fit(model, training_studies, STEPS, PRESETS["kits"], lr=1e-3)
     after = held_out_dice(model, demo_studies)
 
     assert np.mean(losses[-50:]) < np.mean(losses[:50])
     assert before < 0.3, before
     assert after >= 0.8, (before, after)
+
+
+class CrashingVolumes(list):
+    """Training data whose reads fail after ``limit`` of them: a run that dies in the middle."""
+
+    def __init__(self, volumes, limit):
+        super().__init__(volumes)
+        self.reads, self.limit = 0, limit
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise OSError("the disk went away")
+        return super().__getitem__(index)
+
+
+def tiny_trainable(seed=0):
+    torch.manual_seed(seed)
+    model = build_sam3d(backbone="tiny")
+    for p in model.parameters():
+        p.requires_grad = True
+    return model
+
+
+def test_a_run_that_died_resumes_where_it_stopped_and_ends_as_an_unbroken_run(training_studies, tmp_path):
+    steps, state = 12, str(tmp_path / "state.pt")
+    unbroken, unbroken_data = tiny_trainable(), CrashingVolumes(training_studies, limit=10**9)
+    unbroken_losses, _ = fit(unbroken, unbroken_data, steps, PRESETS["kits"], seed=3)
+
+    resumed = tiny_trainable()
+    with pytest.raises(OSError):
+        fit(resumed, CrashingVolumes(training_studies, limit=7), steps, PRESETS["kits"], seed=3, state_path=state, save_every=4)
+    assert len(torch.load(state, weights_only=True)["losses"]) == 4  # saved at step 4, died in step 8
+    resumed, resumed_data = tiny_trainable(), CrashingVolumes(training_studies, limit=10**9)
+    resumed_losses, resumed_at = fit(resumed, resumed_data, steps, PRESETS["kits"], seed=3, state_path=state, save_every=4)
+    assert resumed_at == 4 and resumed_data.reads < unbroken_data.reads  # went on from step 4, not from 0
+
+    assert np.allclose(resumed_losses, unbroken_losses, atol=1e-5)
+    for (name, a), b in zip(unbroken.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    # Another run (other settings) does not resume from this state.
+    other = tiny_trainable()
+    assert fit(other, training_studies, 2, PRESETS["kits"], seed=4, state_path=state)[1] == 0
+
+
+def test_background_clicks_train_through_the_inference_rule(training_studies):
+    """A step with a background click sends gradients through the background answer, as it is used at inference."""
+    model = tiny_trainable()
+    image, label = training_studies[0]
+    lesion = label[0].numpy()
+    centre = np.array(np.nonzero(lesion)).mean(axis=1).astype(int)
+    start = np.clip(centre - model.crop_size // 2, 0, np.array(lesion.shape) - model.crop_size)
+    box = tuple(slice(s, s + model.crop_size) for s in start)
+    crop, truth = image[0][box], torch.as_tensor(lesion[box])
+    encoding = model.encode_with_grad(crop[None, None])
+    inside = torch.as_tensor(np.array(np.nonzero(truth.numpy())).T[0])
+    outside = torch.as_tensor(np.array(np.nonzero(~truth.numpy())).T[0])
+    logit = model.click_logits(encoding, torch.stack([inside, outside]), torch.tensor([1, 0]))
+    foreground_only = model.click_logits(encoding, inside[None], torch.tensor([1]))
+    assert (logit <= foreground_only).all()
+    assert (logit < foreground_only).any()  # the background answer removed something
+    with_background = torch.autograd.grad(logit.sum(), encoding.deep, retain_graph=True)[0]
+    without = torch.autograd.grad(foreground_only.sum(), encoding.deep)[0]
+    assert not torch.allclose(with_background, without)

@@ -139,11 +139,11 @@ def test_fused_window_attention_equals_the_explicit_attention(shift):
 
 
 def test_background_never_adds_foreground():
-    fg, bg = torch.rand(1000), torch.rand(1000)
+    fg, bg = torch.randn(1000), torch.randn(1000)  # log-odds
     combined = exclude_background(fg, bg)
     assert (combined <= fg).all()
     assert torch.equal(combined[bg <= fg], fg[bg <= fg])
-    assert (combined[(bg > 0.5) & (bg > fg)] < 0.5).all()
+    assert (combined[(bg > 0) & (bg > fg)] < 0).all()
 
 
 def test_background_clicks_only_remove(tiny):

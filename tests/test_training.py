@@ -2,12 +2,14 @@
 
 import os
 import shutil
+import signal
 import time
 import urllib.error
 import urllib.request
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 import torch
 from monailabel.client import MONAILabelClient
@@ -24,7 +26,8 @@ def training_server(tmp_path_factory, demo_studies):
         folder == APP and n in ("model", "logs"))])
     studies = str(tmp_path_factory.mktemp("studies"))
     shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
-    shutil.copy(os.path.join(studies, "demo_ct_03_oblique.nii.gz"), os.path.join(studies, "unlabelled_01.nii.gz"))
+    for name in ("unlabelled_01", "unlabelled_02"):
+        shutil.copy(os.path.join(studies, "demo_ct_03_oblique.nii.gz"), os.path.join(studies, f"{name}.nii.gz"))
     conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "warmup", "false"]
     proc, url = start_server(app, studies, conf, str(tmp_path_factory.mktemp("logs") / "server.log"))
     yield url, app, studies
@@ -70,8 +73,19 @@ def test_strategies_and_scoring_through_rest(training_server, tmp_path):
     client = MONAILabelClient(url, tmpdir=str(tmp_path))
     info = client.info()
     assert {"random", "first"} <= set(info["strategies"]) and "dice" in info["scoring"]
-    assert client.next_sample("first", {})["id"] == "unlabelled_01"  # the only image without a final label
-    assert client.next_sample("random", {})["id"] == "unlabelled_01"
+    assert {"uncertain", "random", "first"} <= set(info["strategies"])
+    assert client.next_sample("first", {})["id"] == "unlabelled_01"  # images without a final label, sorted
+    assert client.next_sample("random", {})["id"] in ("unlabelled_01", "unlabelled_02")
+
+    # The model-based strategy offers the unlabelled image whose last mask was the least decisive.
+    recorded = {}
+    for image, click in (("unlabelled_01", [83, 73, 47]), ("unlabelled_02", [5, 5, 5])):
+        _, result = client.infer("sam3d", image, {"foreground": [click]})
+        recorded[image] = result["uncertainty"]
+        assert client.datastore()["objects"][image]["image"]["info"]["sam3d_uncertainty"] == recorded[image]
+    assert recorded["unlabelled_01"] != recorded["unlabelled_02"]
+    chosen = client.next_sample("uncertain", {})
+    assert chosen["id"] == max(recorded, key=recorded.get) and chosen["uncertainty"] == max(recorded.values())
 
     # The model's mask saved as `original` next to the radiologist's `final` one, then scored.
     client.infer("sam3d", "demo_ct_01", {"foreground": [[83, 73, 47]], "save_label": True})
@@ -88,3 +102,49 @@ def test_strategies_and_scoring_through_rest(training_server, tmp_path):
     datastore = client.datastore()
     image_info = datastore["objects"]["demo_ct_01"]["image"]["info"]
     assert 0 <= image_info["dice"] <= 1
+
+
+def training_process(server_url):
+    """MONAI Label's training subprocess (python -m monailabel.interfaces.utils.app -m train ...)."""
+    port = server_url.rsplit(":", 1)[1]
+    server = next(p for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or []))
+    for child in server.children(recursive=True):
+        if "monailabel.interfaces.utils.app" in child.cmdline() and "train" in child.cmdline():
+            return child
+    return None
+
+
+def test_a_killed_training_run_leaves_the_published_model_serving_and_the_next_run_resumes(training_server, tmp_path):
+    url, app, _ = training_server
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    published, state = os.path.join(app, "model", "sam3d.pt"), os.path.join(app, "model", "train_state.pt")
+    if not os.path.exists(published):  # this test also runs alone
+        client.train_start("sam3d", {"steps": 2})
+        while client.train_status()["status"] not in ("DONE", "ERROR"):
+            time.sleep(1)
+    with open(published, "rb") as f:
+        before = f.read()
+    mask_before = click_mask(client, str(tmp_path))
+
+    client.train_start("sam3d", {"steps": 200})
+    deadline = time.time() + 300
+    while not os.path.exists(state):  # the run saves its state every 25 steps
+        assert time.time() < deadline and client.train_status()["status"] in ("SUBMITTED", "RUNNING")
+        time.sleep(0.2)
+    training_process(url).send_signal(signal.SIGKILL)
+    while (task := client.train_status())["status"] in ("SUBMITTED", "RUNNING"):
+        time.sleep(0.5)
+    assert task["status"] == "ERROR"  # /train/ reports the failure
+
+    with open(published, "rb") as f:
+        assert f.read() == before  # the published model is untouched ...
+    build_sam3d(checkpoint=published)  # ... loads ...
+    assert np.array_equal(click_mask(client, str(tmp_path)), mask_before)  # ... and is still what is served
+
+    client.train_start("sam3d", {"steps": 200})
+    while (task := client.train_status())["status"] not in ("DONE", "ERROR"):
+        time.sleep(1)
+    assert task["status"] == "DONE", task
+    stats = client.info()["train_stats"]["sam3d"]
+    assert 25 <= stats["resumed_at_step"] < 200 and stats["steps"] == 200
+    assert not os.path.exists(state)  # published, so the next run starts from the published model

@@ -14,6 +14,8 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.dice import Dice
 
+from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
+from lib.activelearning.uncertain import Uncertain
 from lib.configs.sam3d import Sam3DTaskConfig
 from lib.transforms.clicks import InvalidRequest
 
@@ -41,7 +43,7 @@ class Sam3DApp(MONAILabelApp):
         return {self.task.name: self.task.trainer()}
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {"uncertain": Uncertain(), "random": Random(), "first": First()}
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         # How much the radiologist corrected: Dice of the model's mask (original) against the saved one (final).
@@ -62,6 +64,10 @@ class Sam3DApp(MONAILabelApp):
         if isinstance(image, str) and not os.path.exists(image) and not datastore.get_image_uri(image):
             raise HTTPException(status_code=404, detail=f"unknown image {image!r}: not in the datastore")
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
         except InvalidRequest as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
+        uncertainty = (result.get("params") or {}).get("uncertainty")
+        if uncertainty is not None and datastore.get_image_uri(image):
+            datastore.update_image_info(image, {UNCERTAINTY_KEY: uncertainty})  # for the uncertain strategy
+        return result

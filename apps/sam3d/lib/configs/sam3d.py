@@ -105,4 +105,5 @@ class Sam3DTaskConfig(TaskConfig):
             backbone=self.network.weights_info["backbone"],
             publish_path=self.published,
             stats_path=os.path.join(self.model_dir, "train_stats.json"),
+            state_path=os.path.join(self.model_dir, "train_state.pt"),
         )

@@ -14,6 +14,7 @@ from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from lib.activelearning.uncertain import mask_uncertainty
 from lib.model import CheckpointError, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
 from lib.transforms.clicks import (
@@ -190,6 +191,7 @@ class Sam3DInfer(BasicInferTask):
             "encoder_runs": encoder_runs,
             "cache_hits": len(crops) - encoder_runs,
             "model_seconds": round(time.time() - start, 4),
+            "uncertainty": round(mask_uncertainty(prob), 6),
         }
         logger.info(f"sam3d: {len(crops)} crop(s), {encoder_runs} encoded, {len(crops) - encoder_runs} from cache")
         return data

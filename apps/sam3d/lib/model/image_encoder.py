@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # Attention logit offset between tokens of different regions of a shifted window: the paper's value, kept
 # (rather than -inf) so that outputs match checkpoints trained with it.
@@ -317,6 +318,9 @@ class ImageEncoder3d(nn.Module):
             for _ in range(4)
         )
         self.feature_every = depth // 4
+        # Training only: recompute each block's activations in the backward pass instead of keeping them
+        # (a paper-configuration 128^3 step keeps ~10 GB of them per block otherwise).
+        self.gradient_checkpointing = False
 
     def positional_embedding(self, grid: Tuple[int, int, int]) -> torch.Tensor:
         """SAM's 2D embedding pooled to the in-plane grid, plus the learned depth embedding: (1, D, H, W, C)."""
@@ -330,7 +334,10 @@ class ImageEncoder3d(nn.Module):
         x = x + self.positional_embedding(x.shape[1:4])
         features = []
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             if i % self.feature_every == 0:
                 features.append(self.necks[len(features)](x.movedim(-1, 1)))
         return features

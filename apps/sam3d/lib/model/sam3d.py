@@ -28,14 +28,15 @@ class CropEncoding:
         return sum(t.numel() * t.element_size() for t in (self.prepared, self.deep))
 
 
-def exclude_background(prob_fg: torch.Tensor, prob_bg: torch.Tensor) -> torch.Tensor:
-    """Remove what the background clicks claim from what the foreground clicks found.
+def exclude_background(logit_fg: torch.Tensor, logit_bg: torch.Tensor) -> torch.Tensor:
+    """Remove what the background clicks claim from what the foreground clicks found (log-odds in and out).
 
-    ``prob_bg`` is the model's answer to the background clicks taken as prompts ("what object is this?").
+    ``logit_bg`` is the model's answer to the background clicks taken as prompts ("what object is this?").
     Where it claims a voxel more strongly than the foreground answer does, the voxel's probability drops
-    below ``1 - prob_bg``. The result never exceeds ``prob_fg``: a background click cannot add foreground.
+    below ``1 - p_bg``, i.e. its log-odds below ``-logit_bg``. The result never exceeds ``logit_fg``: a
+    background click cannot add foreground. Written on log-odds so that training can back-propagate through it.
     """
-    return torch.where(prob_bg > prob_fg, torch.minimum(prob_fg, 1 - prob_bg), prob_fg)
+    return torch.where(logit_bg > logit_fg, torch.minimum(logit_fg, -logit_bg), logit_fg)
 
 
 class Sam3D(nn.Module):
@@ -76,6 +77,17 @@ class Sam3D(nn.Module):
             deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3)
             return self.mask_decoder(encoding.prepared, deep).float()
 
+    def click_logits(self, encoding: CropEncoding, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """points: (N, 3) (d, h, w) crop indices, at least one of them foreground; labels: (N,) 1 = foreground,
+        0 = background -> (S, S, S) float32 foreground log-odds. Differentiable (training uses it)."""
+        foreground, background = points[labels == 1], points[labels == 0]
+        logits = self.decode(encoding, foreground[None])[0]
+        logit = logits[1] - logits[0]  # sigmoid(l1 - l0) is the two-class softmax's foreground probability
+        if len(background):
+            logits_bg = self.decode(encoding, background[None])[0]
+            logit = exclude_background(logit, logits_bg[1] - logits_bg[0])
+        return logit
+
     @torch.no_grad()
     def foreground_probability(
         self, encoding: CropEncoding, points: torch.Tensor, labels: Optional[torch.Tensor] = None
@@ -86,13 +98,9 @@ class Sam3D(nn.Module):
         device = encoding.deep.device
         points = torch.as_tensor(points, device=device).reshape(-1, 3)
         labels = torch.ones(len(points), dtype=torch.long, device=device) if labels is None else labels.to(device)
-        foreground, background = points[labels == 1], points[labels == 0]
-        if len(foreground) == 0:
+        if not (labels == 1).any():
             return torch.zeros((self.crop_size,) * 3, device=device)
-        prob = self.decode(encoding, foreground[None]).softmax(dim=1)[0, 1]
-        if len(background):
-            prob = exclude_background(prob, self.decode(encoding, background[None]).softmax(dim=1)[0, 1])
-        return prob
+        return self.click_logits(encoding, points, labels).sigmoid()
 
     def predict_crop(
         self,

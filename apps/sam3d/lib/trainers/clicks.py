@@ -20,6 +20,20 @@ def interior_click(region: np.ndarray, rng: Optional[np.random.Generator] = None
     return np.array(np.unravel_index(rng.choice(weights.size, p=weights / weights.sum()), region.shape))
 
 
+def background_click(lesion: np.ndarray, rng: np.random.Generator, near: float = 10.0) -> Optional[np.ndarray]:
+    """A voxel outside ``lesion``: half the time within ``near`` voxels of it (on the tissue a mask would
+    leak into), else farther away; uniform within the chosen zone. None if there is no voxel outside."""
+    distance = ndimage.distance_transform_edt(~lesion)
+    zones = [(distance > 2) & (distance <= near), distance > near]
+    if rng.random() < 0.5:
+        zones.reverse()
+    for zone in zones:
+        candidates = np.flatnonzero(zone)
+        if len(candidates):
+            return np.array(np.unravel_index(rng.choice(candidates), lesion.shape))
+    return None
+
+
 def correction_click(prediction: np.ndarray, label: np.ndarray) -> Optional[Tuple[np.ndarray, int]]:
     """(click, 1 = foreground / 0 = background) at the centre of the largest error region, or None if none."""
     best = None

@@ -1,29 +1,60 @@
-"""One training step of the 3DSAM-adapter: the paper's loss and optimiser, with clicks simulated as a user gives them."""
+"""Training of the 3DSAM-adapter: the paper's loss and optimiser, with clicks simulated as a user gives them,
+and a resumable loop (a killed run goes on from its last saved step)."""
 
 import logging
-from typing import List, Sequence, Tuple
+import os
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.transforms import RandCropByPosNegLabeld, RandFlipd
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LinearLR
+from tqdm import tqdm
 
 from lib.model import Sam3D
+from lib.model.checkpoints import atomic_write
+from lib.transforms.presets import Preset
 
-from .clicks import correction_click, interior_click
+from .augment import training_crops
+from .clicks import background_click, correction_click, interior_click
 
 logger = logging.getLogger(__name__)
 
 # The paper's loss: Dice and cross-entropy, half each, on the foreground channel.
 LOSS = DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)
+# How often a step starts with a background click besides the first foreground one (users add them to
+# keep a mask off a neighbouring organ before any mistake shows).
+FIRST_BACKGROUND_PROBABILITY = 0.3
 
 
 def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, LinearLR]:
     """AdamW over the trainable parts only, decaying linearly to 1 % over ``steps`` (the paper's schedule)."""
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
     return optimizer, LinearLR(optimizer, start_factor=1.0, end_factor=0.01, total_iters=steps)
+
+
+def simulate_clicks(
+    model: Sam3D, encoding, lesion: np.ndarray, rng: np.random.Generator, max_corrections: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A user's clicks on one crop: a foreground click inside the lesion, sometimes a background click
+    outside it (near or far), then up to ``max_corrections`` clicks on the largest error of the prediction
+    so far (foreground on a miss, background on a leak). -> points (N, 3), labels (N,)."""
+    points, labels = [interior_click(lesion, rng)], [1]
+    if rng.random() < FIRST_BACKGROUND_PROBABILITY:
+        click = background_click(lesion, rng)
+        if click is not None:
+            points.append(click)
+            labels.append(0)
+    for _ in range(rng.integers(0, max_corrections + 1)):
+        with torch.no_grad():
+            logit = model.click_logits(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels))
+        correction = correction_click(logit.cpu().numpy() > 0, lesion)
+        if correction is None:
+            break
+        points.append(correction[0])
+        labels.append(correction[1])
+    return torch.as_tensor(np.stack(points)), torch.tensor(labels)
 
 
 def train_step(
@@ -36,20 +67,12 @@ def train_step(
 ) -> float:
     """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
 
-    A first click inside the lesion, then up to ``max_corrections`` correction clicks on what the current
-    prediction misses, so that the model learns to use further clicks. The encoder runs once."""
-    lesion = label[0, 0].bool().cpu().numpy()
-    clicks = [interior_click(lesion, rng)]
+    The encoder runs once; the loss is on the prediction for all simulated clicks, background clicks acting
+    through the same rule as at inference, so the model learns what a background click should point at."""
     encoding = model.encode_with_grad(crop)
-    for _ in range(rng.integers(0, max_corrections + 1)):
-        with torch.no_grad():
-            prediction = model.decode(encoding, torch.as_tensor(np.stack(clicks))[None]).argmax(1)[0].cpu().numpy()
-        correction = correction_click(prediction.astype(bool), lesion)
-        if correction is None or correction[1] == 0:  # background clicks are not learned (see README)
-            break
-        clicks.append(correction[0])
-    logits = model.decode(encoding, torch.as_tensor(np.stack(clicks), device=crop.device)[None])
-    loss = LOSS(logits, label)
+    points, labels = simulate_clicks(model, encoding, label[0, 0].bool().cpu().numpy(), rng, max_corrections)
+    logit = model.click_logits(encoding, points.to(crop.device), labels.to(crop.device))
+    loss = LOSS(torch.stack([torch.zeros_like(logit), logit])[None], label)
     optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -57,30 +80,91 @@ def train_step(
     return loss.item()
 
 
-def fit(
-    model: Sam3D, volumes: Sequence[Tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float = 4e-4, seed: int = 0
-) -> List[float]:
-    """Train ``model`` for ``steps`` crops drawn from ``volumes`` ((1, D, H, W) image, (1, D, H, W) bool label
-    pairs on the model's grid), each centred on a random lesion voxel and randomly flipped. Returns the losses."""
-    rng = np.random.default_rng(seed)
-    size = (model.crop_size,) * 3
-    transforms = [RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=size, pos=1, neg=0)]
-    transforms += [RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=axis) for axis in range(3)]
-    for t in transforms:
-        t.set_random_state(seed)
-    optimizer, schedule = make_optimizer(model, steps, lr)
-    model.train()
-    losses = []
-    for step in range(steps):
+def step_seed(seed: int, step: int) -> int:
+    """Each step draws from its own seed, so a resumed run takes the same crops and clicks as an unbroken one."""
+    return (seed * 1_000_003 + step) % 2**32
+
+
+def draw_crop(volumes, transform, rng: np.random.Generator, tries: int = 10) -> dict:
+    """One augmented crop with some lesion in it (rotation and zoom can push a small lesion out)."""
+    for _ in range(tries):
         image, label = volumes[rng.integers(len(volumes))]
-        crop = transforms[0]({"image": image, "label": label.float()})[0]
-        for t in transforms[1:]:
-            crop = t(crop)
+        crop = transform({"image": image, "label": label.float()})[0]
+        if crop["label"].sum() > 0:
+            return crop
+    raise ValueError("no training crop with a lesion in it: are the labels empty?")
+
+
+def fit(
+    model: Sam3D,
+    volumes: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    preset: Preset,
+    lr: float = 4e-4,
+    seed: int = 0,
+    state_path: Optional[str] = None,
+    save_every: int = 25,
+) -> Tuple[List[float], int]:
+    """Train ``model`` for ``steps`` crops drawn from ``volumes`` ((1, D, H, W) image, (1, D, H, W) bool label
+    pairs on the model's grid), augmented as the authors do for ``preset``. Returns the losses of all steps and
+    the step the run resumed at (0 for a fresh run).
+
+    With ``state_path``, the trained tensors, optimiser, schedule and losses are saved there atomically every
+    ``save_every`` steps, and a run with the same settings and starting weights resumes from them."""
+    optimizer, schedule = make_optimizer(model, steps, lr)
+    transform = training_crops(preset, model.crop_size)
+    run = {"steps": steps, "lr": lr, "seed": seed, "start": repr(sorted(model.weights_info.items()))}
+    losses = resume(state_path, run, model, optimizer, schedule) if state_path else []
+    resumed_at = len(losses)
+    model.train()
+    for step in tqdm(range(len(losses), steps), desc="sam3d training", initial=len(losses), total=steps):
+        rng = np.random.default_rng(step_seed(seed, step))
+        transform.set_random_state(seed=step_seed(seed, step))
+        crop = draw_crop(volumes, transform, rng)
         image_crop = torch.as_tensor(crop["image"])[None].to(model.device)
         label_crop = torch.as_tensor(crop["label"])[None].to(model.device)
         losses.append(train_step(model, image_crop, label_crop, optimizer, rng))
         schedule.step()
         if (step + 1) % 50 == 0:
             logger.info(f"step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
+        if state_path and ((step + 1) % save_every == 0 or step + 1 == steps):
+            save_state(state_path, run, model, optimizer, schedule, losses)
     model.eval()
-    return losses
+    return losses, resumed_at
+
+
+def save_state(path: str, run: dict, model: Sam3D, optimizer, schedule, losses: List[float]) -> None:
+    state = {
+        "run": run,
+        "trained": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "losses": losses,
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def resume(path: str, run: dict, model: Sam3D, optimizer, schedule) -> List[float]:
+    """Load a saved run's state if it is the same run (settings, starting weights, trained tensors);
+    -> the losses of the steps already done (empty: start afresh)."""
+    if not os.path.exists(path):
+        return []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if state["run"] != run or state["trained"].keys() != trained.keys():
+            logger.info(f"{path} holds another run's state: starting afresh")
+            return []
+        if any(state["trained"][n].shape != p.shape for n, p in trained.items()):
+            logger.info(f"{path} holds tensors of other shapes: starting afresh")
+            return []
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        with torch.no_grad():  # last, so that a failure above leaves the model as it was
+            for name, p in trained.items():
+                p.copy_(state["trained"][name])
+    except Exception as e:  # a state that cannot be read is not worth failing the run for
+        logger.warning(f"cannot resume from {path} ({e}): starting afresh")
+        return []
+    logger.info(f"resuming the run saved in {path} at step {len(state['losses'])}/{run['steps']}")
+    return list(state["losses"])

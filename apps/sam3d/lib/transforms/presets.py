@@ -27,13 +27,16 @@ class Preset:
     mean: Optional[float]  # global statistics after windowing; None: the image's own
     std: Optional[float]
     spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Training augmentation: in-plane rotation and zoom only (the authors' choice for the thick-slice datasets)
+    # rather than 3D zoom.
+    in_plane_augmentation: bool = False
 
 
 PAPER_PRESETS: Dict[str, Preset] = {
     "kits": Preset("Kidney tumour (KiTS21)", (-54, 247), 59.53867, 55.457336),
     "lits": Preset("Liver tumour (LiTS17)", (-48, 163), 60.057533, 40.198017),
-    "pancreas": Preset("Pancreas tumour (MSD Task07)", (-39, 204), 68.45214, 63.422806),
-    "colon": Preset("Colon cancer (MSD Task10)", (-57, 175), 65.175035, 32.651197),
+    "pancreas": Preset("Pancreas tumour (MSD Task07)", (-39, 204), 68.45214, 63.422806, in_plane_augmentation=True),
+    "colon": Preset("Colon cancer (MSD Task10)", (-57, 175), 65.175035, 32.651197, in_plane_augmentation=True),
 }
 
 
