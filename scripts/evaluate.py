@@ -109,6 +109,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     cases = find_cases(args.data)[: args.limit]
+    torch.manual_seed(0)  # what the checkpoint leaves at initialisation is the same in every run
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
     model.to(args.device).eval()
     label_value = args.label_value or TUMOUR_LABEL.get(args.preset)

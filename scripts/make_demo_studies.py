@@ -129,10 +129,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="studies/demo", help="datastore folder to write into")
     parser.add_argument("--force", action="store_true", help="rewrite studies that already exist")
+    parser.add_argument("--random", type=int, metavar="N", help="write N random studies (training data) instead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    written = write_studies(args.out, args.force)
-    logger.info(f"{len(written)} demo studies written to {args.out} ({len(STUDIES) - len(written)} already there)")
+    studies = random_studies(args.random) if args.random else STUDIES
+    written = write_studies(args.out, args.force, studies)
+    logger.info(f"{len(written)} studies written to {args.out} ({len(studies) - len(written)} already there)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def test_a_failed_download_logs_how_to_supply_the_file_and_carries_on(tmp_path, 
 
 @pytest.mark.parametrize(
     "conf, message",
-    [({"preset": "brain"}, "preset"), ({"backbone": "vit_x"}, "backbone"), ({"precision": "fp8"}, "precision")],
+    [({"preset": "brain"}, "preset"), ({"backbone": "vit_x"}, "backbone"), ({"precision": "fp8"}, "precision"),
+     ({"compile": "maybe"}, "compile")],
 )
 def test_a_wrong_conf_fails_at_start_with_its_name(tmp_path, conf, message):
     with pytest.raises(ValueError, match=message):

@@ -1,10 +1,12 @@
 """The model learns: a tiny configuration trained briefly on generated lesions segments held-out ones."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from lib.model import build_sam3d
 from lib.trainers.data import load_labelled
@@ -119,3 +121,47 @@ def test_background_clicks_train_through_the_inference_rule(training_studies):
     with_background = torch.autograd.grad(logit.sum(), encoding.deep, retain_graph=True)[0]
     without = torch.autograd.grad(foreground_only.sum(), encoding.deep)[0]
     assert not torch.allclose(with_background, without)
+
+
+def train_replica(rank, world, port, volumes, folder):
+    """One process of a data-parallel run (spawned by the test below)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_trainable()
+    fit(model, volumes, 3, PRESETS["kits"], seed=5)
+    torch.save(model.state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_processes_train_on_different_crops_and_stay_identical(training_studies, tmp_path):
+    from conftest import free_port
+
+    torch.multiprocessing.spawn(train_replica, args=(2, free_port(), training_studies[:4], str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    initial = tiny_trainable().state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)  # averaged gradients keep replicas equal
+    assert any(not torch.equal(first[name], initial[name]) for name in first)  # and they trained
+
+
+def test_the_train_task_runs_one_process_per_device_and_publishes_once(demo_studies, tmp_path):
+    from conftest import free_port
+    from lib.model.build import ModelSource
+    from lib.trainers.sam3d_trainer import TrainingJob, run
+
+    names = ["demo_ct_01", "demo_ct_02_aniso", "demo_ct_03_oblique"]
+    pairs = [{"image": os.path.join(demo_studies, f"{n}.nii.gz"),
+              "label": os.path.join(demo_studies, "labels", "final", f"{n}.nii.gz")} for n in names]
+    job = TrainingJob(
+        source=ModelSource(str(tmp_path / "sam3d.pt"), None, "tiny", None, False, "cpu"),
+        preset="kits", backbone="tiny", train=pairs[:2], val=pairs[2:],
+        options={"steps": 3, "learning_rate": 4e-4, "seed": 0, "activation_checkpointing": True},
+        publish_path=str(tmp_path / "sam3d.pt"), stats_path=str(tmp_path / "stats.json"),
+        state_path=str(tmp_path / "state.pt"),
+    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    torch.multiprocessing.spawn(run, args=(2, job), nprocs=2)
+    with open(tmp_path / "stats.json") as f:
+        stats = json.load(f)
+    assert stats["processes"] == 2 and stats["steps"] == 3 and 0 <= stats["val_one_click_nsd"] <= 1
+    assert build_sam3d(checkpoint=str(tmp_path / "sam3d.pt")).weights_info["backbone"] == "tiny"
+    assert not os.path.exists(tmp_path / "state.pt")

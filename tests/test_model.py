@@ -306,3 +306,20 @@ def test_bfloat16_autocast_stays_close_to_float32(tiny):
     assert half.dtype == torch.float32
     assert tiny.encode(crop[None, None]).deep.dtype == torch.bfloat16  # the cache holds half the bytes
     assert 0 < (half - full).abs().max() < 0.1
+
+
+def test_our_checkpoint_over_another_backbone_is_reported(tmp_path):
+    """Adapters saved over one frozen backbone, loaded over another: the load says so in /info/'s weights."""
+    torch.manual_seed(0)
+    model = create_model(CONFIGS["tiny"])
+    freeze_backbone(model)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    path = str(tmp_path / "sam3d.pt")
+    save_sam3d(model, path, "tiny", trained)
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert meta["crop_size"] == TINY.crop_size and meta["click_types"] == ["foreground", "background"]
+
+    torch.manual_seed(0)  # the same initialisation: the same frozen backbone
+    assert not any("WARNING" in s for s in build_sam3d(checkpoint=path).weights_info["loads"])
+    torch.manual_seed(1)  # another one
+    assert "backbone differs" in " ".join(build_sam3d(checkpoint=path).weights_info["loads"])

@@ -11,7 +11,8 @@ from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.sam3d_infer import Sam3DInfer
 from lib.trainers.sam3d_trainer import Sam3DTrainer
-from lib.model import CONFIGS, build_sam3d
+from lib.model import CONFIGS
+from lib.model.build import ModelSource
 from lib.transforms.presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def sam_checkpoint_path(setting: str, backbone: str, model_dir: str) -> Optional
 class Sam3DTaskConfig(TaskConfig):
     """conf options: backbone (vit_b | vit_l | vit_h | tiny), checkpoint (the authors' or ours), sam_checkpoint
     (download | none | path), preset, labels (comma-separated), device (cpu | cuda), precision (auto | float32 |
-    bfloat16; auto is bfloat16 on a GPU), warmup (true | false), cache_mb (crop encodings), volume_cache_mb
+    bfloat16; auto is bfloat16 on a GPU), compile (auto | true | false; auto compiles the encoder on a GPU), warmup (true | false), cache_mb (crop encodings), volume_cache_mb
     (pre-processed images)."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
@@ -71,6 +72,12 @@ class Sam3DTaskConfig(TaskConfig):
         self.sam = sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir)
         self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.bfloat16 = precision == "bfloat16" or (precision == "auto" and self.device.startswith("cuda"))
+        compile_setting = conf.get("compile", "auto").lower()
+        if compile_setting not in ("auto", "true", "false"):
+            raise ValueError(f"conf compile {compile_setting!r} is unknown; choose auto, true or false")
+        # torch.compile of the encoder: 71 -> 39 ms per first click on an H100 (docs/benchmarks.md), at 15-40 s
+        # of compilation during warm-up; on CPUs it did not pay.
+        self.compile = compile_setting == "true" or (compile_setting == "auto" and self.device.startswith("cuda"))
         self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
         self.volume_cache_bytes = int(float(conf.get("volume_cache_mb", 1024)) * 2**20)
         self.warmup = conf.get("warmup", "true").lower() in ("true", "1", "yes")
@@ -78,10 +85,14 @@ class Sam3DTaskConfig(TaskConfig):
 
     def build_model(self):
         """The model in use: the last published training result if any, else the conf checkpoint."""
-        self.path = self.published if os.path.exists(self.published) else self.conf_checkpoint
-        model = build_sam3d(checkpoint=self.path, backbone=self.backbone, sam_checkpoint=self.sam)
-        model.bfloat16 = self.bfloat16
-        return model.to(self.device)
+        model = self.source().build()
+        self.path = model.weights_info["checkpoint"]
+        if self.compile:
+            model.image_encoder.compile()  # in place: the module and its state_dict keys stay as they are
+        return model
+
+    def source(self) -> ModelSource:
+        return ModelSource(self.published, self.conf_checkpoint, self.backbone, self.sam, self.bfloat16, self.device)
 
     def infer(self):
         return {
@@ -100,7 +111,7 @@ class Sam3DTaskConfig(TaskConfig):
 
     def trainer(self):
         return Sam3DTrainer(
-            build_model=self.build_model,
+            source=self.source(),
             preset=self.preset,
             backbone=self.network.weights_info["backbone"],
             publish_path=self.published,

@@ -1,6 +1,7 @@
 """Named configurations and :func:`build_sam3d`, the model's entry point."""
 
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple
@@ -157,3 +158,21 @@ def describe_weights(
         "loads": [r.summary() for r in reports],
         "config": asdict(CONFIGS[backbone]),
     }
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model in use comes from, as plain values (training processes on other GPUs rebuild it)."""
+
+    published: str  # our last training result; used when it exists
+    checkpoint: Optional[str]  # otherwise this (the conf's)
+    backbone: Optional[str]
+    sam_checkpoint: Optional[str]
+    bfloat16: bool
+    device: str
+
+    def build(self, device: Optional[str] = None) -> Sam3D:
+        path = self.published if os.path.exists(self.published) else self.checkpoint
+        model = build_sam3d(checkpoint=path, backbone=self.backbone, sam_checkpoint=self.sam_checkpoint)
+        model.bfloat16 = self.bfloat16
+        return model.to(device or self.device)

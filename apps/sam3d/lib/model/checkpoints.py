@@ -6,6 +6,7 @@ what was deliberately ignored (with the reason). Files are read with ``weights_o
 a checkpoint is executed.
 """
 
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ class LoadReport:
     left_at_init: List[str] = field(default_factory=list)
     ignored: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it is not used
     origin: Dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key, where they differ
+    warnings: List[str] = field(default_factory=list)
 
     def describe(self, name: str) -> str:
         return f"{name} (checkpoint key {self.origin[name]})" if name in self.origin else name
@@ -41,6 +43,7 @@ class LoadReport:
         return (
             f"{self.source}: filled {len(self.filled)} tensors, left {len(self.left_at_init)} at initialisation, "
             f"ignored {len(self.ignored)} ({', '.join(sorted(set(self.ignored.values()))) or 'none'})"
+            + "".join(f"; WARNING: {w}" for w in self.warnings)
         )
 
 
@@ -212,11 +215,29 @@ def load_authors(model: nn.Module, obj: dict, source: str) -> LoadReport:
 # --- ours ------------------------------------------------------------------------------------------------
 
 
+def backbone_checksum(model: nn.Module, trained: Iterable[str]) -> str:
+    """sha256 over the tensors a checkpoint of ``trained`` tensors leaves out: the frozen backbone under it."""
+    trained, digest = set(trained), hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name not in trained:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_sam3d(model: nn.Module, obj: dict, source: str) -> LoadReport:
-    """Our checkpoints hold the trained tensors only; the frozen backbone comes from SAM."""
+    """Our checkpoints hold the trained tensors only; the frozen backbone comes from SAM (load that first).
+
+    Adapters trained over one backbone are meaningless over another (e.g. a random one because the SAM
+    download failed), so a backbone other than the training one is logged and reported, not silently used."""
     if obj.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{source}: {FORMAT_NAME} checkpoint version {obj.get('version')} is not supported")
-    return apply_state(model, dict(obj["state_dict"]), LoadReport(source))
+    report = apply_state(model, dict(obj["state_dict"]), LoadReport(source))
+    expected = obj.get("meta", {}).get("backbone_sha256")
+    if expected and backbone_checksum(model, obj["state_dict"]) != expected:
+        report.warnings.append("the frozen backbone differs from the one these tensors were trained over")
+        logger.warning(f"{source}: {report.warnings[-1]} (check --conf sam_checkpoint)")
+    return report
 
 
 def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
@@ -237,13 +258,19 @@ def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
 
 
 def save_sam3d(model: nn.Module, path: str, backbone: str, trainable: Iterable[str], meta: Optional[dict] = None):
-    """Write the trained tensors atomically."""
-    state = model.state_dict()
+    """Write the trained tensors atomically, with what is needed to use them: the crop size, the click types
+    the model answers, and a checksum of the frozen backbone they were trained over."""
+    state, trainable = model.state_dict(), list(trainable)
     obj = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "backbone": backbone,
         "state_dict": {name: state[name].detach().cpu() for name in trainable},
-        "meta": meta or {},
+        "meta": {
+            "crop_size": model.crop_size,
+            "click_types": ["foreground", "background"],
+            "backbone_sha256": backbone_checksum(model, trainable),
+            **(meta or {}),
+        },
     }
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -80,6 +80,8 @@ class Sam3D(nn.Module):
     def click_logits(self, encoding: CropEncoding, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """points: (N, 3) (d, h, w) crop indices, at least one of them foreground; labels: (N,) 1 = foreground,
         0 = background -> (S, S, S) float32 foreground log-odds. Differentiable (training uses it)."""
+        device = encoding.deep.device
+        points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
         foreground, background = points[labels == 1], points[labels == 0]
         logits = self.decode(encoding, foreground[None])[0]
         logit = logits[1] - logits[0]  # sigmoid(l1 - l0) is the two-class softmax's foreground probability

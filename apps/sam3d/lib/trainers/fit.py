@@ -7,12 +7,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.losses import DiceCELoss
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LinearLR
 from tqdm import tqdm
 
-from lib.model import Sam3D
+from lib.model import Sam3D, freeze_backbone
 from lib.model.checkpoints import atomic_write
 from lib.transforms.presets import Preset
 
@@ -28,6 +29,16 @@ LOSS = DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lamb
 FIRST_BACKGROUND_PROBABILITY = 0.3
 
 
+def select_trainable(model: Sam3D) -> None:
+    """Over a pretrained SAM backbone, the paper's parameter-efficient parts; over a random one, everything
+    (freezing random weights only cripples the model: the tiny configuration then stays at a Dice of 0.04)."""
+    if model.weights_info["sam_backbone"].startswith("random"):
+        for p in model.parameters():
+            p.requires_grad = True
+    else:
+        freeze_backbone(model)
+
+
 def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, LinearLR]:
     """AdamW over the trainable parts only, decaying linearly to 1 % over ``steps`` (the paper's schedule)."""
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
@@ -35,13 +46,18 @@ def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, L
 
 
 def simulate_clicks(
-    model: Sam3D, encoding, lesion: np.ndarray, rng: np.random.Generator, max_corrections: int
+    model: Sam3D,
+    encoding,
+    lesion: np.ndarray,
+    rng: np.random.Generator,
+    max_corrections: int,
+    background_probability: float = FIRST_BACKGROUND_PROBABILITY,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A user's clicks on one crop: a foreground click inside the lesion, sometimes a background click
     outside it (near or far), then up to ``max_corrections`` clicks on the largest error of the prediction
     so far (foreground on a miss, background on a leak). -> points (N, 3), labels (N,)."""
     points, labels = [interior_click(lesion, rng)], [1]
-    if rng.random() < FIRST_BACKGROUND_PROBABILITY:
+    if rng.random() < background_probability:
         click = background_click(lesion, rng)
         if click is not None:
             points.append(click)
@@ -64,25 +80,45 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     rng: np.random.Generator,
     max_corrections: int = 2,
+    background_probability: float = FIRST_BACKGROUND_PROBABILITY,
 ) -> float:
     """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
 
     The encoder runs once; the loss is on the prediction for all simulated clicks, background clicks acting
     through the same rule as at inference, so the model learns what a background click should point at."""
     encoding = model.encode_with_grad(crop)
-    points, labels = simulate_clicks(model, encoding, label[0, 0].bool().cpu().numpy(), rng, max_corrections)
-    logit = model.click_logits(encoding, points.to(crop.device), labels.to(crop.device))
+    lesion = label[0, 0].bool().cpu().numpy()
+    points, labels = simulate_clicks(model, encoding, lesion, rng, max_corrections, background_probability)
+    logit = model.click_logits(encoding, points, labels)
     loss = LOSS(torch.stack([torch.zeros_like(logit), logit])[None], label)
     optimizer.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if dist.is_initialized():
+        average_gradients(trainable)
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()
     return loss.item()
 
 
-def step_seed(seed: int, step: int) -> int:
-    """Each step draws from its own seed, so a resumed run takes the same crops and clicks as an unbroken one."""
-    return (seed * 1_000_003 + step) % 2**32
+def average_gradients(parameters: List[torch.nn.Parameter]) -> None:
+    """Data parallelism: every process steps with the mean gradient of all processes' crops. (PyTorch's DDP
+    hooks into one forward call of a module; a step here runs the encoder once and the decoder several times,
+    so the all-reduce is done here, once per step, over one flat buffer.)"""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in parameters:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def step_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
+    """Each step (and each process's share of it) draws from its own seed, so a resumed run takes the same
+    crops and clicks as an unbroken one."""
+    return (seed * 1_000_003 + step * world + rank) % 2**32
 
 
 def draw_crop(volumes, transform, rng: np.random.Generator, tries: int = 10) -> dict:
@@ -109,25 +145,29 @@ def fit(
     pairs on the model's grid), augmented as the authors do for ``preset``. Returns the losses of all steps and
     the step the run resumed at (0 for a fresh run).
 
-    With ``state_path``, the trained tensors, optimiser, schedule and losses are saved there atomically every
+    Under torch.distributed, each process trains on its own crops with the averaged gradients; the first
+    process saves the state. With ``state_path``, the trained tensors, optimiser, schedule and losses are saved there atomically every
     ``save_every`` steps, and a run with the same settings and starting weights resumes from them."""
     optimizer, schedule = make_optimizer(model, steps, lr)
     transform = training_crops(preset, model.crop_size)
-    run = {"steps": steps, "lr": lr, "seed": seed, "start": repr(sorted(model.weights_info.items()))}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    run = {"steps": steps, "lr": lr, "seed": seed, "world": world, "start": repr(sorted(model.weights_info.items()))}
     losses = resume(state_path, run, model, optimizer, schedule) if state_path else []
     resumed_at = len(losses)
     model.train()
-    for step in tqdm(range(len(losses), steps), desc="sam3d training", initial=len(losses), total=steps):
-        rng = np.random.default_rng(step_seed(seed, step))
-        transform.set_random_state(seed=step_seed(seed, step))
+    progress = tqdm(range(len(losses), steps), desc="sam3d training", initial=len(losses), total=steps, disable=rank > 0)
+    for step in progress:
+        rng = np.random.default_rng(step_seed(seed, step, rank, world))
+        transform.set_random_state(seed=step_seed(seed, step, rank, world))
         crop = draw_crop(volumes, transform, rng)
-        image_crop = torch.as_tensor(crop["image"])[None].to(model.device)
-        label_crop = torch.as_tensor(crop["label"])[None].to(model.device)
+        # Plain tensors: MONAI's MetaTensor would track metadata through every operation of the model.
+        image_crop = torch.as_tensor(crop["image"]).as_subclass(torch.Tensor)[None].to(model.device)
+        label_crop = torch.as_tensor(crop["label"]).as_subclass(torch.Tensor)[None].to(model.device)
         losses.append(train_step(model, image_crop, label_crop, optimizer, rng))
         schedule.step()
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 50 == 0 and rank == 0:
             logger.info(f"step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
-        if state_path and ((step + 1) % save_every == 0 or step + 1 == steps):
+        if state_path and rank == 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
             save_state(state_path, run, model, optimizer, schedule, losses)
     model.eval()
     return losses, resumed_at

@@ -4,23 +4,100 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, List
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.model import Sam3D, freeze_backbone, save_sam3d
+from lib.model import save_sam3d
+from lib.model.build import ModelSource
 from lib.model.checkpoints import atomic_write
-
 from lib.transforms.presets import PRESETS
 
 from .data import load_labelled
 from .evaluate import lesion_scores
-from .fit import fit
+from .fit import fit, select_trainable
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One run, as plain values, so that each GPU's process can carry it out."""
+
+    source: ModelSource
+    preset: str
+    backbone: str
+    train: List[Dict[str, str]]  # {"image": path, "label": path}
+    val: List[Dict[str, str]]
+    options: Dict[str, Any]
+    publish_path: str
+    stats_path: str
+    state_path: str
+
+
+def run(rank: int, world: int, job: TrainingJob) -> None:
+    """Train on this process's share (rank of world); rank 0 validates and publishes. With several GPUs each
+    process holds a replica and the gradients are averaged every step (data parallelism, as DDP does)."""
+    start = time.time()
+    device = job.source.device
+    if world > 1:
+        device = f"cuda:{rank}" if device.startswith("cuda") else device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # MONAI Label sets both for its training process
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
+    try:
+        options = job.options
+        model = job.source.build(device)
+        select_trainable(model)
+        model.image_encoder.gradient_checkpointing = str(options["activation_checkpointing"]).lower() in ("true", "1")
+        volumes = [load_labelled(d["image"], d["label"], job.preset) for d in job.train]
+        losses, resumed_at = fit(
+            model,
+            volumes,
+            int(options["steps"]),
+            PRESETS[job.preset],
+            float(options["learning_rate"]),
+            int(options["seed"]),
+            state_path=job.state_path,
+        )
+        if rank == 0:
+            publish(job, model, losses, resumed_at, world, time.time() - start)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world: int, seconds: float) -> None:
+    scores = []
+    for d in job.val:
+        image, label = load_labelled(d["image"], d["label"], job.preset)
+        scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), (1,), PRESETS[job.preset].spacing)]
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    stats = {
+        "total_time": round(seconds, 2),
+        "steps": len(losses),
+        "resumed_at_step": resumed_at,
+        "processes": world,
+        "train_loss": float(np.mean(losses[-20:])),
+        "val_one_click_dice": float(np.mean([d for d, _ in scores])) if scores else None,
+        "val_one_click_nsd": float(np.mean([n for _, n in scores])) if scores else None,
+        "train_images": len(job.train),
+        "val_images": len(job.val),
+        "published": job.publish_path,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    save_sam3d(model, job.publish_path, job.backbone, trained, meta={"preset": job.preset, **stats})
+    atomic_write(job.stats_path, lambda f: json.dump(stats, f, indent=2), mode="w")
+    os.remove(job.state_path)  # published: the next run starts from the published weights
+    logger.info(f"sam3d training done: {stats}")
 
 
 class Sam3DTrainer(TrainTask):
@@ -32,16 +109,10 @@ class Sam3DTrainer(TrainTask):
     a request with options, stats on disk for ``/train/``, and a published model that inference picks up."""
 
     def __init__(
-        self,
-        build_model: Callable[[], Sam3D],
-        preset: str,
-        backbone: str,
-        publish_path: str,
-        stats_path: str,
-        state_path: str,
+        self, source: ModelSource, preset: str, backbone: str, publish_path: str, stats_path: str, state_path: str
     ) -> None:
         super().__init__("Fine-tune the 3DSAM-adapter on saved final labels (adapters, necks, prompt encoder, decoder)")
-        self.build_model = build_model
+        self.source = source
         self.preset = preset
         self.backbone = backbone
         self.publish_path = publish_path
@@ -55,6 +126,8 @@ class Sam3DTrainer(TrainTask):
             # Recompute encoder activations in the backward pass: a paper-configuration step then fits a
             # modest GPU (see docs/benchmarks.md) at about a third more compute.
             "activation_checkpointing": True,
+            # One process per visible GPU (MONAI Label's `gpus` request option chooses which are visible).
+            "multi_gpu": True,
         }
 
     def config(self) -> Dict[str, Any]:
@@ -68,54 +141,27 @@ class Sam3DTrainer(TrainTask):
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         options = {**self.options, **request}
-        start = time.time()
         datalist = sorted(datastore.datalist(), key=lambda d: d["image"])
         if not datalist:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no images with a final label to train on")
         order = np.random.default_rng(int(options["seed"])).permutation(len(datalist))
         n_val = int(round(len(datalist) * float(options["val_split"]))) if len(datalist) > 1 else 0
-        val = [datalist[i] for i in order[:n_val]]
-        train = [datalist[i] for i in order[n_val:]]
-        logger.info(f"sam3d training: {len(train)} training and {len(val)} validation images")
-
-        model = self.build_model()
-        if model.weights_info["sam_backbone"].startswith("random"):
-            # Freezing only makes sense over pretrained SAM weights; a random backbone trains with the rest.
-            for p in model.parameters():
-                p.requires_grad = True
-        else:
-            freeze_backbone(model)
-        model.image_encoder.gradient_checkpointing = str(options["activation_checkpointing"]).lower() in ("true", "1")
-        volumes = [load_labelled(d["image"], d["label"], self.preset) for d in train]
-        losses, resumed_at = fit(
-            model,
-            volumes,
-            int(options["steps"]),
-            PRESETS[self.preset],
-            float(options["learning_rate"]),
-            int(options["seed"]),
+        job = TrainingJob(
+            source=self.source,
+            preset=self.preset,
+            backbone=self.backbone,
+            train=[datalist[i] for i in order[n_val:]],
+            val=[datalist[i] for i in order[:n_val]],
+            options=options,
+            publish_path=self.publish_path,
+            stats_path=self.stats_path,
             state_path=self.state_path,
         )
-
-        scores = []
-        for d in val:
-            image, label = load_labelled(d["image"], d["label"], self.preset)
-            scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), (1,), PRESETS[self.preset].spacing)]
-        trained = [name for name, p in model.named_parameters() if p.requires_grad]
-        stats = {
-            "total_time": round(time.time() - start, 2),
-            "steps": len(losses),
-            "resumed_at_step": resumed_at,
-            "train_loss": float(np.mean(losses[-20:])),
-            "val_one_click_dice": float(np.mean([d for d, _ in scores])) if scores else None,
-            "val_one_click_nsd": float(np.mean([n for _, n in scores])) if scores else None,
-            "train_images": len(train),
-            "val_images": len(val),
-            "published": self.publish_path,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        save_sam3d(model, self.publish_path, self.backbone, trained, meta={"preset": self.preset, **stats})
-        atomic_write(self.stats_path, lambda f: json.dump(stats, f, indent=2), mode="w")
-        os.remove(self.state_path)  # published: the next run starts from the published weights
-        logger.info(f"sam3d training done: {stats}")
-        return stats
+        logger.info(f"sam3d training: {len(job.train)} training and {len(job.val)} validation images")
+        gpus = torch.cuda.device_count() if self.source.device.startswith("cuda") else 0
+        multi_gpu = str(options["multi_gpu"]).lower() in ("true", "1") and gpus > 1
+        if multi_gpu:
+            torch.multiprocessing.spawn(run, args=(gpus, job), nprocs=gpus, join=True)
+        else:
+            run(0, 1, job)
+        return self.stats()

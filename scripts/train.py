@@ -1,0 +1,69 @@
+"""Fine-tune sam3d offline on a labelled dataset, as the server's train task does, and save our checkpoint.
+
+    .venv/bin/python scripts/train.py DATA --sam-checkpoint sam_vit_b_01ec64.pth --preset pancreas --out sam3d.pt
+    .venv/bin/python scripts/train.py studies/train --backbone tiny --steps 400 --out tiny.pt   # the demo recipe
+
+DATA is an MSD-layout folder (imagesTr/labelsTr) or a MONAI Label studies folder (labels/final/). Over a SAM
+backbone only the paper's parameter-efficient parts train; with no SAM checkpoint everything trains. A run
+saves its state beside --out every 25 steps and resumes from it when started again with the same settings.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from evaluate import TUMOUR_LABEL, find_cases  # noqa: E402
+from lib.model import CONFIGS, build_sam3d, save_sam3d  # noqa: E402
+from lib.trainers.data import load_labelled  # noqa: E402
+from lib.trainers.fit import fit, select_trainable  # noqa: E402
+from lib.transforms.presets import PRESETS  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="MSD-layout folder (imagesTr/labelsTr) or MONAI Label studies folder")
+    parser.add_argument("--out", required=True, help="where to write our checkpoint")
+    parser.add_argument("--checkpoint", help="start from this checkpoint (ours or the authors')")
+    parser.add_argument("--backbone", choices=sorted(CONFIGS))
+    parser.add_argument("--sam-checkpoint", help="SAM weights for the frozen backbone")
+    parser.add_argument("--preset", default="ct", choices=sorted(PRESETS))
+    parser.add_argument("--label-value", type=int, help="the tumour's label value (default: the preset's, else any > 0)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--learning-rate", type=float, default=4e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast (the default on a GPU)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    torch.manual_seed(args.seed)
+    model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
+    select_trainable(model)
+    model.to(args.device)
+    model.bfloat16 = args.bfloat16 or args.device.startswith("cuda")
+    model.image_encoder.gradient_checkpointing = True
+
+    label_value = args.label_value or TUMOUR_LABEL.get(args.preset)
+    cases = find_cases(args.data)
+    volumes = [load_labelled(image, label, args.preset, label_value) for _, image, label in tqdm(cases, desc="loading")]
+    losses, resumed_at = fit(
+        model, volumes, args.steps, PRESETS[args.preset], args.learning_rate, args.seed, state_path=args.out + ".state"
+    )
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    meta = {"preset": args.preset, "steps": args.steps, "train_images": len(cases), "train_loss": float(np.mean(losses[-20:]))}
+    save_sam3d(model, args.out, model.weights_info["backbone"], trained, meta=meta)
+    os.remove(args.out + ".state")
+    logging.info(f"{args.out}: {len(trained)} trained tensors, {args.steps} steps (resumed at {resumed_at})")
+
+
+if __name__ == "__main__":
+    main()
