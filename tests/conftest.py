@@ -80,3 +80,40 @@ def server(tmp_path_factory, demo_studies, tiny_checkpoint):
     proc, url = start_server(APP, studies, conf, log_path)
     yield url, studies, log_path
     stop_server(proc)
+
+
+def load_kits(folder, name):
+    """A study of a datastore folder, pre-processed with the kits preset: (1, D, H, W) image and bool label."""
+    from lib.trainers.data import load_labelled
+
+    return load_labelled(
+        os.path.join(folder, f"{name}.nii.gz"), os.path.join(folder, "labels", "final", f"{name}.nii.gz"), "kits"
+    )
+
+
+@pytest.fixture(scope="session")
+def training_studies(tmp_path_factory):
+    """12 generated studies (never the demo ones), pre-processed: training data."""
+    from make_demo_studies import random_studies, write_studies
+
+    folder = str(tmp_path_factory.mktemp("training"))
+    studies = random_studies(12)
+    write_studies(folder, studies=studies)
+    return [load_kits(folder, s.name) for s in studies]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, training_studies):
+    """The tiny configuration trained for 400 steps on the training studies: (checkpoint path, losses)."""
+    from lib.model import build_sam3d, save_sam3d
+    from lib.trainers.fit import fit
+    from lib.transforms.presets import PRESETS
+
+    torch.manual_seed(0)
+    model = build_sam3d(backbone="tiny")
+    for p in model.parameters():  # no pretrained backbone exists for the tiny configuration: all of it trains
+        p.requires_grad = True
+    losses, _ = fit(model, training_studies, 400, PRESETS["kits"], lr=1e-3)
+    path = str(tmp_path_factory.mktemp("trained") / "tiny_trained.pt")
+    save_sam3d(model, path, "tiny", [name for name, _ in model.named_parameters()], meta={"preset": "kits"})
+    return path, losses

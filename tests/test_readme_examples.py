@@ -1,0 +1,36 @@
+"""The README's REST examples run, as written, against a real server (only its address is swapped in)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import nibabel as nib
+
+from conftest import ROOT
+
+README_URL = "http://127.0.0.1:8000"
+
+
+def readme_blocks(language):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    rest = text[text.index("### REST"):]
+    return re.findall(rf"```{language}\n(.*?)```", rest[: rest.index("\n## ")], re.S)
+
+
+def test_the_curl_example_returns_a_mask_of_the_image(server, tmp_path):
+    url, studies, _ = server
+    (block,) = [b for b in readme_blocks("bash") if "curl" in b]
+    subprocess.run(["bash", "-euc", block.replace(README_URL, url)], cwd=tmp_path, check=True, timeout=300)
+    mask, image = nib.load(tmp_path / "mask.nii.gz"), nib.load(os.path.join(studies, "demo_ct_01.nii.gz"))
+    assert mask.shape == image.shape and mask.get_fdata().max() <= 1
+
+
+def test_the_python_example_runs_and_reuses_the_encoding(server, tmp_path):
+    url, _, _ = server
+    (block,) = readme_blocks("python")
+    out = subprocess.run([sys.executable, "-c", block.replace(README_URL, url)], cwd=tmp_path, check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    first, refined = out.splitlines()
+    assert "encoder runs:" in first and "cache hits: 1" in refined, out

@@ -1,0 +1,84 @@
+"""3D Slicer's side of the protocol, done exactly as its MONAI Label module does it (Slicer cannot run here).
+
+The module reads the volume with ITK (Slicer's RAS = ITK's LPS with x and y negated), turns each control point
+from RAS millimetres into IJK through the volume's RASToIJK matrix, rounds, and sends the indices with the
+segment's name, asking for an .nrrd uint8 result, which it reads back with SimpleITK. Here a trained tiny
+model serves, clicks are placed at the lesions' centres in RAS (from the phantom's definition, not from any
+voxel grid), and the returned mask must cover the lesion in physical space, for all three demo geometries
+(axis-aligned; anisotropic with permuted and flipped axes; oblique).
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+
+from conftest import APP, start_server, stop_server
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def slicer_server(tmp_path_factory, demo_studies, trained_tiny):
+    studies = str(tmp_path_factory.mktemp("slicer_studies"))
+    shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny[0],
+            "--conf", "warmup", "false"]
+    proc, url = start_server(APP, studies, conf, str(tmp_path_factory.mktemp("logs") / "server.log"))
+    yield url, studies
+    stop_server(proc)
+
+
+def ijk_to_ras(image: sitk.Image) -> np.ndarray:
+    """Slicer's IJKToRAS matrix of a volume loaded through ITK: (4, 4)."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin())
+    return matrix
+
+
+def slicer_click(image: sitk.Image, ras) -> list:
+    """getControlPointsXYZ: RASToIJK times the point, each coordinate rounded."""
+    ijk = np.linalg.inv(ijk_to_ras(image)) @ np.append(ras, 1.0)
+    return [round(v) for v in ijk[:3]]
+
+
+def inside(ras_points: np.ndarray, centre, radii) -> np.ndarray:
+    return ((((ras_points - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1)) <= 1.0
+
+
+@pytest.mark.parametrize("study_index", [0, 1, 2])
+def test_slicer_clicks_in_ras_land_on_the_lesion_and_the_mask_covers_it_in_physical_space(
+    slicer_server, tmp_path, study_index
+):
+    from make_demo_studies import STUDIES
+
+    url, studies = slicer_server
+    study = STUDIES[study_index]
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    image = sitk.ReadImage(f"{studies}/{study.name}.nii.gz")
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(f"{studies}/labels/final/{study.name}.nii.gz"))  # (k, j, i)
+    for centre, radii, _ in study.lesions:
+        ijk = slicer_click(image, centre)
+        assert truth[ijk[2], ijk[1], ijk[0]] == 1, (study.name, centre, ijk)  # the click is on the lesion
+
+        params = {"label": "Segment_1", "foreground": [ijk], "background": [], "result_extension": ".nrrd",
+                  "result_dtype": "uint8"}
+        result, _ = client.infer("sam3d", study.name, params)
+        mask_image = sitk.ReadImage(result)
+        assert mask_image.GetSize() == image.GetSize()
+        assert np.allclose(mask_image.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        assert np.allclose(mask_image.GetSpacing(), image.GetSpacing(), atol=1e-5)
+        assert np.allclose(mask_image.GetDirection(), image.GetDirection(), atol=1e-5)
+
+        kji = np.argwhere(sitk.GetArrayFromImage(mask_image) > 0)
+        ras = (ijk_to_ras(mask_image) @ np.c_[kji[:, ::-1], np.ones(len(kji))].T)[:3].T
+        in_lesion = inside(ras, centre, radii)
+        assert len(ras) and in_lesion.mean() > 0.7, (study.name, centre, len(ras), in_lesion.mean())
+        # Physical coverage: the mask's volume inside this lesion against the ellipsoid's volume.
+        voxel_mm3 = float(np.prod(image.GetSpacing()))
+        lesion_mm3 = 4 / 3 * np.pi * np.prod(radii)
+        assert in_lesion.sum() * voxel_mm3 > 0.5 * lesion_mm3, (study.name, in_lesion.sum() * voxel_mm3, lesion_mm3)
