@@ -42,13 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(app, studies, conf, log_path):
-    """`monailabel start_server` on a free loopback port; returns (process, url) once /info/ answers."""
+def start_server(app, studies, conf, log_path, env=None):
+    """`monailabel start_server` on a free loopback port; returns (process, url) once /info/ answers.
+
+    The venv's bin folder goes first on PATH, as scripts/serve.sh does (MONAI Label looks there for tools)."""
     port = free_port()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *conf]
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = {**os.environ, "PYTHONPATH": "", "PATH": path, **(env or {})}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ""}, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:

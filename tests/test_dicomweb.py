@@ -1,0 +1,159 @@
+"""sam3d over a real PACS: Orthanc with its DICOMweb plugin, started here on loopback with a config written here.
+
+The demo volumes go in as DICOM CT series (scripts/make_dicom_studies.py, uploaded with STOW-RS); MONAI Label
+serves them with `--studies http://.../dicom-web`; clicks on their lesions give masks on the series' grid; a
+saved final label lands in Orthanc as a DICOM-SEG that references its series and reads back voxel for voxel.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pydicom
+import pydicom_seg
+import pytest
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+
+from conftest import APP, free_port, start_server, stop_server
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    assert os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN), (
+        "Orthanc with its DICOMweb plugin is needed: apt-get install orthanc orthanc-dicomweb (scripts/test.sh does)"
+    )
+    folder = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    config = {
+        "Name": "sam3d-test",
+        "HttpPort": port,
+        "DicomPort": free_port(),
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with open(folder / "orthanc.log", "w") as log:
+        proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            get_json(f"{url}/system")
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, (folder / "orthanc.log").read_text()
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def dicom_series(orthanc, demo_studies, tmp_path_factory):
+    """{study name: local series folder}, all uploaded to Orthanc."""
+    from make_demo_studies import STUDIES
+    from make_dicom_studies import upload, write_series
+
+    out = str(tmp_path_factory.mktemp("dicom"))
+    folders = {}
+    for study in STUDIES:
+        files = write_series(os.path.join(demo_studies, f"{study.name}.nii.gz"), study.name, out)
+        upload(files, f"{orthanc}/dicom-web")
+        folders[study.name] = os.path.dirname(files[0])
+    return folders
+
+
+@pytest.fixture(scope="module")
+def pacs_server(orthanc, dicom_series, trained_tiny, tmp_path_factory):
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny[0],
+            "--conf", "warmup", "false"]
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path_factory.mktemp("dicomweb_cache"))}
+    proc, url = start_server(APP, f"{orthanc}/dicom-web", conf, str(tmp_path_factory.mktemp("logs") / "server.log"), env)
+    yield url
+    stop_server(proc)
+
+
+def read_series(folder):
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+    return reader.Execute()
+
+
+def test_the_pacs_holds_the_series_with_their_tags(orthanc, dicom_series):
+    from make_dicom_studies import series_uids
+
+    for name in dicom_series:
+        found = get_json(f"{orthanc}/dicom-web/series?SeriesInstanceUID={series_uids(name)['series']}")
+        assert len(found) == 1, name
+        tags = found[0]
+        assert tags["00080060"]["Value"] == ["CT"] and tags["00100020"]["Value"] == [name]
+
+
+def test_clicks_on_a_pacs_series_give_masks_on_its_grid_over_the_lesions(pacs_server, dicom_series, tmp_path):
+    from make_demo_studies import STUDIES
+    from make_dicom_studies import series_uids
+
+    client = MONAILabelClient(pacs_server, tmpdir=str(tmp_path))
+    assert get_json(f"{pacs_server}/datastore/?output=stats")["total"] == len(STUDIES)
+    for study in STUDIES:
+        series = read_series(dicom_series[study.name])
+        for centre, radii, _ in study.lesions:
+            click = list(series.TransformPhysicalPointToIndex((np.asarray(centre) * LPS).tolist()))
+            path, result = client.infer("sam3d", series_uids(study.name)["series"],
+                                        {"foreground": [click], "background": [], "result_extension": ".nrrd"})
+            mask = sitk.ReadImage(path)
+            assert mask.GetSize() == series.GetSize()
+            assert np.allclose(mask.GetOrigin(), series.GetOrigin(), atol=1e-3)
+            assert np.allclose(mask.GetDirection(), series.GetDirection(), atol=1e-4)
+            kji = np.argwhere(sitk.GetArrayFromImage(mask) > 0)
+            ras = np.array([mask.TransformIndexToPhysicalPoint([int(v) for v in p[::-1]]) for p in kji]) * LPS
+            inside = ((((ras - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1) <= 1).mean()
+            assert inside > 0.7, (study.name, centre, inside)
+
+
+def test_a_saved_final_label_is_a_dicom_seg_of_its_series_that_reads_back_the_same(
+    orthanc, pacs_server, dicom_series, tmp_path
+):
+    from make_demo_studies import STUDIES
+    from make_dicom_studies import series_uids
+
+    study = STUDIES[0]
+    series_uid = series_uids(study.name)["series"]
+    client = MONAILabelClient(pacs_server, tmpdir=str(tmp_path))
+    series = read_series(dicom_series[study.name])
+    click = list(series.TransformPhysicalPointToIndex((np.asarray(study.lesions[0][0]) * LPS).tolist()))
+    path, _ = client.infer("sam3d", series_uid, {"foreground": [click], "result_extension": ".nrrd"})
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(path))
+    assert saved.sum() > 0
+
+    client.save_label(series_uid, path, tag="final")
+    segs = [s for s in get_json(f"{orthanc}/series?expand") if s["MainDicomTags"].get("Modality") == "SEG"]
+    assert len(segs) == 1
+    instance = segs[0]["Instances"][0]
+    with urllib.request.urlopen(f"{orthanc}/instances/{instance}/file", timeout=30) as response:
+        (tmp_path / "seg.dcm").write_bytes(response.read())
+    seg = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert seg.FrameOfReferenceUID == series_uids(study.name)["frame_of_reference"]
+    result = pydicom_seg.SegmentReader().read(seg)
+    (segment,) = result.available_segments
+    read_back = sitk.Resample(result.segment_image(segment), series, sitk.Transform(), sitk.sitkNearestNeighbor)
+    assert np.array_equal(sitk.GetArrayFromImage(read_back) > 0, saved > 0)
