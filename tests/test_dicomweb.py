@@ -2,9 +2,11 @@
 
 The demo volumes go in as DICOM CT series (scripts/make_dicom_studies.py, uploaded with STOW-RS); MONAI Label
 serves them with `--studies http://.../dicom-web`; clicks on their lesions give masks on the series' grid; a
-saved final label lands in Orthanc as a DICOM-SEG that references its series and reads back voxel for voxel.
+saved final label lands in Orthanc as a DICOM-SEG that references its series and reads back voxel for voxel;
+and OHIF, in headless Chromium, sends a click and shows the mask.
 """
 
+import io
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ from conftest import APP, free_port, start_server, stop_server
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
 
 
@@ -157,3 +160,81 @@ def test_a_saved_final_label_is_a_dicom_seg_of_its_series_that_reads_back_the_sa
     (segment,) = result.available_segments
     read_back = sitk.Resample(result.segment_image(segment), series, sitk.Transform(), sitk.sitkNearestNeighbor)
     assert np.array_equal(sitk.GetArrayFromImage(read_back) > 0, saved > 0)
+
+
+def green_pixels(png: bytes, box) -> int:
+    """Pixels of a screenshot inside ``box`` where green clearly dominates (OHIF draws the segment green)."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    x, y, w, h = (int(v) for v in (box["x"], box["y"], box["width"], box["height"]))
+    r, g, b = (image[y : y + h, x : x + w, c] for c in range(3))
+    return int(((g > r + 40) & (g > b + 40)).sum())
+
+
+def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
+    pacs_server, dicom_series, tmp_path
+):
+    """The OHIF bundled with MONAI Label, in headless Chromium: open the oblique study from Orthanc in the MONAI
+    Label mode, connect the panel to this server, pick the tumour segment, click on the brightest blob of the
+    axial viewport (the lesion) and run sam3d. The request must carry a click on the lesion, the answer must be
+    a mask over it, and the viewport must show it (green pixels appear). Screenshots go to test-artifacts/."""
+    from playwright.sync_api import sync_playwright
+    from PIL import Image
+
+    from make_demo_studies import STUDIES
+
+    study = STUDIES[2]
+    series = read_series(dicom_series[study.name])
+    artifacts = os.path.join(os.path.dirname(os.path.dirname(__file__)), "test-artifacts")
+    os.makedirs(artifacts, exist_ok=True)
+    answers = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--use-gl=swiftshader", "--enable-unsafe-swiftshader"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("response", lambda r: answers.append(r) if "/infer/sam3d" in r.url else None)
+        page.goto(f"{pacs_server}/ohif/", wait_until="networkidle", timeout=120_000)
+        page.get_by_text("Confirm and Hide").click()
+        page.get_by_text(study.name).first.click()
+        page.get_by_role("button", name="MONAI Label").first.click()
+        server_field = page.locator("input[value='http://127.0.0.1:8000/']")
+        server_field.wait_for(timeout=120_000)
+        server_field.fill(f"{pacs_server}/")
+        page.locator(".actionButton").first.click()
+        page.get_by_text("Point Prompts").click()
+        page.get_by_text("tumor", exact=True).click()
+
+        viewport = page.locator("canvas").first
+        viewport.wait_for(timeout=120_000)
+        page.wait_for_timeout(3000)  # the slices stream in
+        box = viewport.bounding_box()
+        before = page.screenshot()
+        gray = np.asarray(Image.open(io.BytesIO(before)).convert("L")).astype(float)
+        x, y, w, h = (int(v) for v in (box["x"], box["y"], box["width"], box["height"]))
+        region = gray[y : y + h, x : x + w]
+        bright = np.argwhere(region >= np.percentile(region[region > 0], 99.5))
+        cy, cx = bright.mean(axis=0)
+        page.mouse.click(x + cx, y + cy)
+        page.wait_for_timeout(1000)
+        marked = page.screenshot()
+        page.get_by_role("button", name="Run").nth(1).click()
+        deadline = time.time() + 120
+        while not answers and time.time() < deadline:
+            page.wait_for_timeout(500)
+        page.wait_for_timeout(5000)  # the mask is drawn
+        after = page.screenshot(path=os.path.join(artifacts, "ohif_sam3d.png"))
+        assert answers and answers[0].status == 200, answers
+        params = json.loads(answers[0].request.post_data.split("\r\n\r\n", 1)[1].split("\r\n", 1)[0])
+        mask_bytes = answers[0].body()
+        browser.close()
+
+    (click,) = params["foreground"]
+    ras = np.asarray(series.TransformIndexToPhysicalPoint([int(v) for v in click])) * LPS
+    centre, radii, _ = study.lesions[0]
+    assert ((((ras - np.asarray(centre)) / np.asarray(radii)) ** 2).sum() <= 1), (click, ras)  # on the lesion
+    (tmp_path / "mask.nrrd").write_bytes(mask_bytes)
+    mask = sitk.ReadImage(str(tmp_path / "mask.nrrd"))
+    kji = np.argwhere(sitk.GetArrayFromImage(mask) > 0)
+    points = np.array([mask.TransformIndexToPhysicalPoint([int(v) for v in p[::-1]]) for p in kji]) * LPS
+    assert len(points) and ((((points - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1) <= 1).mean() > 0.7
+    assert green_pixels(after, box) > green_pixels(marked, box) + 50  # the segment is drawn over the image
