@@ -144,6 +144,10 @@ def test_clicks_far_apart_give_crops_that_are_stitched(client, server):
     "image, params, status, message",
     [
         ("no_such_image", {"foreground": [[1, 1, 1]]}, 404, "unknown image"),
+        # Server paths are not image ids: a request must not read the server's files.
+        ("/etc/passwd", {"foreground": [[1, 1, 1]]}, 404, "unknown image"),
+        ("../README.md", {"foreground": [[1, 1, 1]]}, 404, "unknown image"),
+        ("demo_ct_01", {"foreground": [[1, 1, 1]], "image": "/etc/hostname"}, 404, "unknown image"),
         ("demo_ct_01", {"foreground": [[128, 0, 0]]}, 422, "outside the image"),
         ("demo_ct_01", {"foreground": [[-1, 0, 0]]}, 422, "outside the image"),
         ("demo_ct_01", {"foreground": [[1, 2]]}, 422, "[i, j, k]"),
@@ -158,6 +162,11 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(server, image, params, stat
     code, body = post_infer(server[0], image, params)
     assert code == status, body
     assert message in json.loads(body)["detail"]
+
+
+def test_a_server_path_to_a_stored_image_is_not_an_image_id(server):
+    code, body = post_infer(server[0], os.path.join(server[1], "demo_ct_01.nii.gz"), {"foreground": [[1, 1, 1]]})
+    assert code == 404 and "unknown image" in body
 
 
 def test_an_unknown_model_is_a_404(server):

@@ -2,9 +2,12 @@
 
 import logging
 import os
+import pathlib
+import tempfile
 from typing import Dict
 
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -55,13 +58,25 @@ class Sam3DApp(MONAILabelApp):
         if self.task.warmup:
             self._infers[self.task.name].start_warm_up()
 
+    @staticmethod
+    def is_upload(image: str) -> bool:
+        """MONAI Label hands an uploaded file (or a session's image) to the app as a server path. Any other
+        existing path, sent as an image id or in params, would let a request read files of the server."""
+        if not os.path.isfile(image):
+            return False
+        folder = os.path.realpath(os.path.dirname(os.path.realpath(image)))
+        sessions = (settings.MONAI_LABEL_SESSION_PATH or "").strip() or os.path.join(
+            pathlib.Path.home(), ".cache", "monailabel", "sessions"  # MONAI Label's default
+        )
+        uploads, sessions = os.path.realpath(tempfile.gettempdir()), os.path.realpath(sessions)
+        return folder == uploads or folder == sessions or folder.startswith(sessions + os.sep)
+
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
         image = request.get("image")
         datastore = datastore or self.datastore()
-        # An existing path is an uploaded file (MONAI Label stores uploads as temporary files).
-        if isinstance(image, str) and not os.path.exists(image) and not datastore.get_image_uri(image):
+        if isinstance(image, str) and not (self.is_upload(image) or datastore.get_image_uri(image)):
             raise HTTPException(status_code=404, detail=f"unknown image {image!r}: not in the datastore")
         try:
             result = super().infer(request, datastore)

@@ -13,7 +13,7 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import LinearLR
 from tqdm import tqdm
 
-from lib.model import Sam3D, freeze_backbone
+from lib.model import CropEncoding, Sam3D, freeze_backbone
 from lib.model.checkpoints import atomic_write
 from lib.transforms.presets import Preset
 
@@ -47,7 +47,7 @@ def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, L
 
 def simulate_clicks(
     model: Sam3D,
-    encoding,
+    encoding: CropEncoding,
     lesion: np.ndarray,
     rng: np.random.Generator,
     max_corrections: int,
