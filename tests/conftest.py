@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -58,6 +59,8 @@ def start_server(app, studies, conf, log_path, env=None):
     while True:
         try:
             urllib.request.urlopen(f"{url}/info/", timeout=5).read()
+            return proc, url
+        except urllib.error.HTTPError:  # up, but asking for credentials (authentication on)
             return proc, url
         except OSError:
             if proc.poll() is not None or time.time() > deadline:

@@ -1,9 +1,11 @@
 """sam3d: the 3DSAM-adapter as a MONAI Label app."""
 
+import functools
 import logging
 import os
 import pathlib
 import tempfile
+import types
 from typing import Dict
 
 from fastapi import HTTPException
@@ -24,9 +26,24 @@ from lib.transforms.clicks import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
+# Keycloak signs its access tokens with RS256.
+TOKEN_ALGORITHMS = ["RS256"]
+
+
+def verify_tokens_with_pyjwt2() -> None:
+    """MONAI Label 0.8.5 calls ``jwt.decode`` without ``algorithms``, which PyJWT 2 (what installs with it)
+    refuses for every token: with authentication on, nobody could sign in. Give its auth module a ``jwt``
+    whose ``decode`` names the algorithms; signature and expiry checks stay PyJWT's own."""
+    import jwt
+    from monailabel.endpoints.user import auth
+
+    if getattr(auth.jwt, "__name__", None) == "jwt":
+        auth.jwt = types.SimpleNamespace(decode=functools.partial(jwt.decode, algorithms=TOKEN_ALGORITHMS))
+
 
 class Sam3DApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        verify_tokens_with_pyjwt2()
         self.model_dir = os.path.join(app_dir, "model")
         self.task = Sam3DTaskConfig()
         self.task.init("sam3d", self.model_dir, conf, None)
