@@ -148,3 +148,25 @@ def test_a_killed_training_run_leaves_the_published_model_serving_and_the_next_r
     stats = client.info()["train_stats"]["sam3d"]
     assert 25 <= stats["resumed_at_step"] < 200 and stats["steps"] == 200
     assert not os.path.exists(state)  # published, so the next run starts from the published model
+
+
+def test_a_published_file_that_does_not_load_leaves_the_model_serving(training_server, tmp_path):
+    url, app, _ = training_server
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    published = os.path.join(app, "model", "sam3d.pt")
+    if not os.path.exists(published):  # this test also runs alone
+        client.train_start("sam3d", {"steps": 2})
+        while client.train_status()["status"] not in ("DONE", "ERROR"):
+            time.sleep(1)
+    mask_before = click_mask(client, str(tmp_path))
+    weights_before = client.info()["models"]["sam3d"]["weights"]
+    with open(published, "rb") as f:
+        good = f.read()
+    try:
+        with open(published, "wb") as f:  # a truncated copy put in place by hand
+            f.write(good[: len(good) // 3])
+        assert np.array_equal(click_mask(client, str(tmp_path)), mask_before)  # served by the model it had
+        assert client.info()["models"]["sam3d"]["weights"] == weights_before
+    finally:
+        with open(published, "wb") as f:
+            f.write(good)
