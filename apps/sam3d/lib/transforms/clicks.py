@@ -21,6 +21,13 @@ class InvalidRequest(ValueError):
     """A request that can never succeed as sent; the server answers it with a 4xx and this message."""
 
 
+def is_finite_number(value: Any) -> bool:
+    """JSON numbers only; integers of any size are finite (math.isfinite overflows on those beyond a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def parse_clicks(value: Any, name: str, shape: Sequence[int]) -> np.ndarray:
     """``value``: a list of [i, j, k] voxel indices inside ``shape`` -> (N, 3) int64 array."""
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
@@ -31,7 +38,7 @@ def parse_clicks(value: Any, name: str, shape: Sequence[int]) -> np.ndarray:
     for click in value:
         if not isinstance(click, (list, tuple)) or len(click) != len(shape):
             raise InvalidRequest(f"each '{name}' click must be [i, j, k] ({len(shape)} voxel indices), got {click!r}")
-        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in click):
+        if not all(is_finite_number(c) for c in click):
             raise InvalidRequest(f"'{name}' click {click!r} must hold finite numbers")
         if any(c != round(c) for c in click):
             raise InvalidRequest(f"'{name}' click {click!r} must hold whole voxel indices")
