@@ -5,10 +5,12 @@ the image as stored, which is how MONAI's ITK loader indexes the array. After th
 resampled, a click follows the same affine change, so image and clicks cannot drift apart.
 """
 
+import gzip
 import math
 import os
 from typing import Any, Dict, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -63,11 +65,35 @@ class LoadImageOrRejectd(LoadImaged):
     """MONAI's loader, but a file that no reader can read is the request's fault (4xx), not the server's."""
 
     def __call__(self, data, reader=None):
+        path = str(data.get(self.keys[0]))
+        name = os.path.basename(path)
         try:
+            require_complete_nifti(path)
             return super().__call__(data, reader)
         except (RuntimeError, OSError, ValueError, EOFError) as e:  # what ITK, nibabel and MONAI raise for bad files
-            name = os.path.basename(str(data.get(self.keys[0])))
-            raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__})") from e
+            raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__}: {e})") from e
+
+
+def require_complete_nifti(path: str) -> None:
+    """ITK reads a NIfTI file whose voxel data stops short without complaint and leaves the rest zero: a
+    truncated upload would be segmented as if it were whole. Count the bytes against the header first (the
+    data are streamed, not kept)."""
+    if not path.endswith((".nii", ".nii.gz")) or not os.path.isfile(path):
+        return
+    try:
+        header = nib.load(path).header
+    except Exception:  # no readable NIfTI header: the loader that follows says why, as for any bad file
+        return
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if path.endswith(".gz"):
+        size = 0
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
+    else:
+        size = os.path.getsize(path)
+    if size < expected:
+        raise OSError(f"its voxel data stop short: {size} of {expected} bytes")
 
 
 class RequireSingleChannel3Dd(MapTransform):
