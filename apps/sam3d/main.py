@@ -93,13 +93,15 @@ class Sam3DApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
         image = request.get("image")
         datastore = datastore or self.datastore()
-        if isinstance(image, str) and not (self.is_upload(image) or datastore.get_image_uri(image)):
+        upload = isinstance(image, str) and self.is_upload(image)
+        stored = isinstance(image, str) and not upload and bool(datastore.get_image_uri(image))
+        if isinstance(image, str) and not (upload or stored):
             raise HTTPException(status_code=404, detail=f"unknown image {image!r}: not in the datastore")
         try:
             result = super().infer(request, datastore)
         except InvalidRequest as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
         uncertainty = (result.get("params") or {}).get("uncertainty")
-        if uncertainty is not None and datastore.get_image_uri(image):
+        if uncertainty is not None and stored:
             datastore.update_image_info(image, {UNCERTAINTY_KEY: uncertainty})  # for the uncertain strategy
         return result

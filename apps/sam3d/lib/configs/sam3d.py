@@ -66,18 +66,21 @@ class Sam3DTaskConfig(TaskConfig):
         precision = conf.get("precision", "auto")
         if precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"conf precision {precision!r} is unknown; choose auto, float32 or bfloat16")
-        self.published = os.path.join(model_dir, PUBLISHED_MODEL)
-        self.conf_checkpoint = conf.get("checkpoint")
-        self.backbone = backbone
-        self.sam = sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir)
-        self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.bfloat16 = precision == "bfloat16" or (precision == "auto" and self.device.startswith("cuda"))
+        device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.source = ModelSource(
+            published=os.path.join(model_dir, PUBLISHED_MODEL),
+            checkpoint=conf.get("checkpoint"),
+            backbone=backbone,
+            sam_checkpoint=sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir),
+            bfloat16=precision == "bfloat16" or (precision == "auto" and device.startswith("cuda")),
+            device=device,
+        )
         compile_setting = conf.get("compile", "auto").lower()
         if compile_setting not in ("auto", "true", "false"):
             raise ValueError(f"conf compile {compile_setting!r} is unknown; choose auto, true or false")
         # torch.compile of the encoder: 71 -> 39 ms per first click on an H100 (docs/benchmarks.md), at 15-40 s
         # of compilation during warm-up; on CPUs it did not pay.
-        self.compile = compile_setting == "true" or (compile_setting == "auto" and self.device.startswith("cuda"))
+        self.compile = compile_setting == "true" or (compile_setting == "auto" and device.startswith("cuda"))
         self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
         self.volume_cache_bytes = int(float(conf.get("volume_cache_mb", 1024)) * 2**20)
         self.warmup = conf.get("warmup", "true").lower() in ("true", "1", "yes")
@@ -85,14 +88,11 @@ class Sam3DTaskConfig(TaskConfig):
 
     def build_model(self):
         """The model in use: the last published training result if any, else the conf checkpoint."""
-        model = self.source().build()
+        model = self.source.build()
         self.path = model.weights_info["checkpoint"]
         if self.compile:
             model.image_encoder.compile()  # in place: the module and its state_dict keys stay as they are
         return model
-
-    def source(self) -> ModelSource:
-        return ModelSource(self.published, self.conf_checkpoint, self.backbone, self.sam, self.bfloat16, self.device)
 
     def infer(self):
         return {
@@ -101,20 +101,20 @@ class Sam3DTaskConfig(TaskConfig):
                 model_version=uuid.uuid4().hex,
                 labels=self.labels,
                 preset=self.preset,
-                device=self.device,
+                device=self.source.device,
                 cache_bytes=self.cache_bytes,
                 volume_cache_bytes=self.volume_cache_bytes,
-                published_path=self.published,
+                published_path=self.source.published,
                 rebuild=self.build_model,
             )
         }
 
     def trainer(self):
         return Sam3DTrainer(
-            source=self.source(),
+            source=self.source,
             preset=self.preset,
             backbone=self.network.weights_info["backbone"],
-            publish_path=self.published,
+            publish_path=self.source.published,
             stats_path=os.path.join(self.model_dir, "train_stats.json"),
             state_path=os.path.join(self.model_dir, "train_state.pt"),
         )
