@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,20 @@ def server(tmp_path_factory, demo_studies, tiny_checkpoint):
     proc, url = start_server(APP, studies, conf, log_path)
     yield url, studies, log_path
     stop_server(proc)
+
+
+def inside_ellipsoid(ras_points, centre, radii):
+    """(N, 3) RAS millimetres -> (N,) bool: inside a demo lesion (an axis-aligned ellipsoid in RAS)."""
+    return (((np.atleast_2d(ras_points) - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1) <= 1
+
+
+def mask_points_ras(mask):
+    """The RAS millimetres of a SimpleITK mask's foreground voxels: (N, 3)."""
+    import SimpleITK as sitk
+
+    ijk = np.argwhere(sitk.GetArrayFromImage(mask) > 0)[:, ::-1]  # the array is (k, j, i)
+    to_lps = np.array(mask.GetDirection()).reshape(3, 3) @ np.diag(mask.GetSpacing())
+    return (np.asarray(mask.GetOrigin()) + ijk @ to_lps.T) * [-1.0, -1.0, 1.0]
 
 
 def load_kits(folder, name):

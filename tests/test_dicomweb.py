@@ -21,7 +21,7 @@ import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from conftest import APP, free_port, start_server, stop_server
+from conftest import APP, free_port, inside_ellipsoid, mask_points_ras, start_server, stop_server
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -126,9 +126,7 @@ def test_clicks_on_a_pacs_series_give_masks_on_its_grid_over_the_lesions(pacs_se
             assert mask.GetSize() == series.GetSize()
             assert np.allclose(mask.GetOrigin(), series.GetOrigin(), atol=1e-3)
             assert np.allclose(mask.GetDirection(), series.GetDirection(), atol=1e-4)
-            kji = np.argwhere(sitk.GetArrayFromImage(mask) > 0)
-            ras = np.array([mask.TransformIndexToPhysicalPoint([int(v) for v in p[::-1]]) for p in kji]) * LPS
-            inside = ((((ras - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1) <= 1).mean()
+            inside = inside_ellipsoid(mask_points_ras(mask), centre, radii).mean()
             assert inside > 0.7, (study.name, centre, inside)
 
 
@@ -231,10 +229,9 @@ def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
     (click,) = params["foreground"]
     ras = np.asarray(series.TransformIndexToPhysicalPoint([int(v) for v in click])) * LPS
     centre, radii, _ = study.lesions[0]
-    assert ((((ras - np.asarray(centre)) / np.asarray(radii)) ** 2).sum() <= 1), (click, ras)  # on the lesion
+    assert inside_ellipsoid(ras, centre, radii).all(), (click, ras)  # on the lesion
     (tmp_path / "mask.nrrd").write_bytes(mask_bytes)
     mask = sitk.ReadImage(str(tmp_path / "mask.nrrd"))
-    kji = np.argwhere(sitk.GetArrayFromImage(mask) > 0)
-    points = np.array([mask.TransformIndexToPhysicalPoint([int(v) for v in p[::-1]]) for p in kji]) * LPS
-    assert len(points) and ((((points - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1) <= 1).mean() > 0.7
+    points = mask_points_ras(mask)
+    assert len(points) and inside_ellipsoid(points, centre, radii).mean() > 0.7
     assert green_pixels(after, box) > green_pixels(marked, box) + 50  # the segment is drawn over the image

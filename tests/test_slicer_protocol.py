@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from conftest import APP, start_server, stop_server
+from conftest import APP, inside_ellipsoid, mask_points_ras, start_server, stop_server
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -46,10 +46,6 @@ def slicer_click(image: sitk.Image, ras) -> list:
     return [round(v) for v in ijk[:3]]
 
 
-def inside(ras_points: np.ndarray, centre, radii) -> np.ndarray:
-    return ((((ras_points - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1)) <= 1.0
-
-
 @pytest.mark.parametrize("study_index", [0, 1, 2])
 def test_slicer_clicks_in_ras_land_on_the_lesion_and_the_mask_covers_it_in_physical_space(
     slicer_server, tmp_path, study_index
@@ -74,9 +70,8 @@ def test_slicer_clicks_in_ras_land_on_the_lesion_and_the_mask_covers_it_in_physi
         assert np.allclose(mask_image.GetSpacing(), image.GetSpacing(), atol=1e-5)
         assert np.allclose(mask_image.GetDirection(), image.GetDirection(), atol=1e-5)
 
-        kji = np.argwhere(sitk.GetArrayFromImage(mask_image) > 0)
-        ras = (ijk_to_ras(mask_image) @ np.c_[kji[:, ::-1], np.ones(len(kji))].T)[:3].T
-        in_lesion = inside(ras, centre, radii)
+        ras = mask_points_ras(mask_image)
+        in_lesion = inside_ellipsoid(ras, centre, radii)
         assert len(ras) and in_lesion.mean() > 0.7, (study.name, centre, len(ras), in_lesion.mean())
         # Physical coverage: the mask's volume inside this lesion against the ellipsoid's volume.
         voxel_mm3 = float(np.prod(image.GetSpacing()))

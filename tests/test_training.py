@@ -104,6 +104,14 @@ def test_strategies_and_scoring_through_rest(training_server, tmp_path):
     assert 0 <= image_info["dice"] <= 1
 
 
+def ensure_published(client, published):
+    """A published model to start from, also when a test runs alone: two training steps if there is none."""
+    if not os.path.exists(published):
+        client.train_start("sam3d", {"steps": 2})
+        while client.train_status()["status"] not in ("DONE", "ERROR"):
+            time.sleep(1)
+
+
 def training_process(server_url):
     """MONAI Label's training subprocess (python -m monailabel.interfaces.utils.app -m train ...)."""
     port = server_url.rsplit(":", 1)[1]
@@ -118,10 +126,7 @@ def test_a_killed_training_run_leaves_the_published_model_serving_and_the_next_r
     url, app, _ = training_server
     client = MONAILabelClient(url, tmpdir=str(tmp_path))
     published, state = os.path.join(app, "model", "sam3d.pt"), os.path.join(app, "model", "train_state.pt")
-    if not os.path.exists(published):  # this test also runs alone
-        client.train_start("sam3d", {"steps": 2})
-        while client.train_status()["status"] not in ("DONE", "ERROR"):
-            time.sleep(1)
+    ensure_published(client, published)
     with open(published, "rb") as f:
         before = f.read()
     mask_before = click_mask(client, str(tmp_path))
@@ -154,10 +159,7 @@ def test_a_published_file_that_does_not_load_leaves_the_model_serving(training_s
     url, app, _ = training_server
     client = MONAILabelClient(url, tmpdir=str(tmp_path))
     published = os.path.join(app, "model", "sam3d.pt")
-    if not os.path.exists(published):  # this test also runs alone
-        client.train_start("sam3d", {"steps": 2})
-        while client.train_status()["status"] not in ("DONE", "ERROR"):
-            time.sleep(1)
+    ensure_published(client, published)
     mask_before = click_mask(client, str(tmp_path))
     weights_before = client.info()["models"]["sam3d"]["weights"]
     with open(published, "rb") as f:
