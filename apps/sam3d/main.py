@@ -11,6 +11,7 @@ from typing import Dict
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -22,6 +23,7 @@ from monailabel.tasks.scoring.dice import Dice
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import Uncertain
 from lib.configs.sam3d import Sam3DTaskConfig
+from lib.datastore import AtomicLocalDatastore
 from lib.transforms.clicks import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,16 @@ class Sam3DApp(MONAILabelApp):
             name="sam3d",
             description="3DSAM-adapter: promptable 3D tumour segmentation from clicks",
             version="0.1.0",
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return AtomicLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:

@@ -10,12 +10,13 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -238,23 +239,6 @@ def load_sam3d(model: nn.Module, obj: dict, source: str) -> LoadReport:
         report.warnings.append("the frozen backbone differs from the one these tensors were trained over")
         logger.warning(f"{source}: {report.warnings[-1]} (check --conf sam_checkpoint)")
     return report
-
-
-def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place: a reader sees the old
-    file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save_sam3d(model: nn.Module, path: str, backbone: str, trainable: Iterable[str], meta: Optional[dict] = None):

@@ -13,8 +13,8 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import LinearLR
 from tqdm import tqdm
 
+from lib.files import atomic_write
 from lib.model import CropEncoding, Sam3D, freeze_backbone
-from lib.model.checkpoints import atomic_write
 from lib.transforms.presets import Preset
 
 from .augment import training_crops

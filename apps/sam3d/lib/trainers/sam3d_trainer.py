@@ -14,9 +14,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.files import atomic_write
 from lib.model import save_sam3d
 from lib.model.build import ModelSource
-from lib.model.checkpoints import atomic_write
 from lib.transforms.presets import PRESETS
 
 from .data import load_labelled

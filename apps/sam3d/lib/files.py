@@ -1,0 +1,63 @@
+"""Crash-safe file writes: a reader, or a server restarted after a SIGKILL, sees the old file or the new one,
+never half of one."""
+
+import glob
+import logging
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+# Temporary files are written beside their destination (os.replace is atomic only within one file system) and
+# named so that no datastore extension pattern (*.nii.gz, *.nrrd, ...) matches them.
+PARTIAL_PREFIX = ".partial-"
+PARTIAL_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it into place and
+    flush the folder entry."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    sync_folder(folder)
+
+
+def atomic_copy(source: str, path: str) -> None:
+    atomic_write(path, lambda f: _copy_into(source, f))
+
+
+def _copy_into(source: str, f) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f, length=1 << 20)
+
+
+def sync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` survive a power cut, not only a killed process (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(folder: str) -> int:
+    """Delete temporary files left in ``folder`` by a writer that was killed; returns how many."""
+    stale = glob.glob(os.path.join(glob.escape(folder), f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"))
+    for path in stale:
+        logger.warning(f"removing {path}: left by a write that was interrupted")
+        os.unlink(path)
+    return len(stale)

@@ -1,0 +1,117 @@
+"""The server SIGKILLed while it saves a label: after a restart the label is the old one or the new one, whole,
+and the datastore file parses. (A model publish killed midway is in tests/test_training.py.)"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from conftest import APP, start_server, stop_server
+
+IMAGE = "demo_ct_01"
+CONF = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "warmup", "false"]
+
+
+def write_label(path, value):
+    """A 16 MiB uncompressed label, large enough that copying it is not instantaneous."""
+    data = np.zeros((256, 256, 256), np.uint8)
+    data[value::7] = value
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def folder_state(folder):
+    return {e.name: (e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)}
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, demo_studies):
+    folder = str(tmp_path_factory.mktemp("crash_studies"))
+    shutil.copytree(demo_studies, folder, dirs_exist_ok=True)
+    shutil.rmtree(os.path.join(folder, "labels"))  # the demo labels are .nii.gz; ours are .nii
+    return folder
+
+
+@pytest.mark.parametrize("delay_ms", [0, 3, 15, 60])
+def test_a_kill_during_a_label_save_leaves_the_old_or_the_new_label_whole(studies, tmp_path, delay_ms):
+    labels = os.path.join(studies, "labels", "final")
+    log = str(tmp_path / "server.log")
+    proc, url = start_server(APP, studies, CONF, log)
+    try:
+        client = MONAILabelClient(url, tmpdir=str(tmp_path))
+        stored = os.path.join(labels, f"{IMAGE}.nii")
+        if not os.path.exists(stored):  # the first round saves the label that later rounds replace
+            write_label(tmp_path / "first.nii", 1)
+            client.save_label(IMAGE, str(tmp_path / "first.nii"), tag="final")
+        old = sha256(stored)
+        new = write_label(tmp_path / "second.nii", 2 + delay_ms % 5)
+
+        before = folder_state(labels)
+        saving = threading.Thread(target=save_ignoring_the_kill, args=(client, str(tmp_path / "second.nii")))
+        saving.start()
+        deadline = time.time() + 60
+        while folder_state(labels) == before:  # the server has started writing the label
+            assert time.time() < deadline, "the save never reached the labels folder"
+        time.sleep(delay_ms / 1000)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        saving.join()
+    finally:
+        stop_server(proc)
+
+    assert sha256(stored) in (old, new)
+    with open(os.path.join(studies, "datastore_v2.json")) as f:
+        json.load(f)
+
+    proc, url = start_server(APP, studies, CONF, str(tmp_path / "restarted.log"))
+    try:
+        client = MONAILabelClient(url, tmpdir=str(tmp_path))
+        assert IMAGE in client.datastore()["objects"]  # MONAI Label read the datastore back
+        assert sorted(os.listdir(labels)) == [f"{IMAGE}.nii"], "a partial file was left behind"
+        with urllib.request.urlopen(f"{url}/datastore/label?label={IMAGE}&tag=final") as served:
+            assert hashlib.sha256(served.read()).hexdigest() in (old, new)
+        mask, _ = client.infer("sam3d", IMAGE, {"foreground": [[83, 73, 47]]})
+        assert nib.load(mask).shape == nib.load(os.path.join(studies, f"{IMAGE}.nii.gz")).shape
+    finally:
+        stop_server(proc)
+
+
+def save_ignoring_the_kill(client, path):
+    try:
+        client.save_label(IMAGE, path, tag="final")
+    except (MONAILabelClientException, OSError):
+        pass  # the server died under the request, as intended
+
+
+def test_a_datastore_file_that_does_not_parse_is_kept_aside_and_the_server_starts(demo_studies, tmp_path):
+    folder = str(tmp_path / "studies")
+    shutil.copytree(demo_studies, folder)
+    config = os.path.join(folder, "datastore_v2.json")
+    with open(config, "w") as f:
+        f.write('{"name": "new-dataset", "objects": {"demo_ct_01": {"ima')  # cut short by a crash
+    proc, url = start_server(APP, folder, CONF, str(tmp_path / "server.log"))
+    try:
+        objects = MONAILabelClient(url, tmpdir=str(tmp_path)).datastore()["objects"]
+        assert IMAGE in objects and objects[IMAGE]["labels"], "images and labels are found again from the files"
+    finally:
+        stop_server(proc)
+    kept = [n for n in os.listdir(folder) if n.startswith("datastore_v2.json.unreadable-")]
+    assert len(kept) == 1
+    with open(os.path.join(folder, kept[0])) as f:
+        assert f.read().endswith('"ima')
