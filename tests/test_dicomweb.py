@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -20,6 +21,7 @@ import pydicom_seg
 import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 
 from conftest import APP, free_port, inside_ellipsoid, mask_points_ras, start_server, stop_server
 
@@ -34,13 +36,7 @@ def get_json(url):
         return json.load(response)
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    assert os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN), (
-        "Orthanc with its DICOMweb plugin is needed: apt-get install orthanc orthanc-dicomweb (scripts/test.sh does)"
-    )
-    folder = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
+def write_orthanc_config(folder, port):
     config = {
         "Name": "sam3d-test",
         "HttpPort": port,
@@ -53,20 +49,40 @@ def orthanc(tmp_path_factory):
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
-    with open(folder / "orthanc.log", "w") as log:
+    return f"http://127.0.0.1:{port}"
+
+
+def start_orthanc(folder):
+    """Orthanc on the configuration in ``folder`` (its database stays there across restarts); returns the process
+    once it answers."""
+    assert os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN), (
+        "Orthanc with its DICOMweb plugin is needed: apt-get install orthanc orthanc-dicomweb (scripts/test.sh does)"
+    )
+    port = json.loads((folder / "orthanc.json").read_text())["HttpPort"]
+    with open(folder / "orthanc.log", "a") as log:
         proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
         try:
-            get_json(f"{url}/system")
-            break
+            get_json(f"http://127.0.0.1:{port}/system")
+            return proc
         except OSError:
             assert proc.poll() is None and time.time() < deadline, (folder / "orthanc.log").read_text()
             time.sleep(0.5)
-    yield url
+
+
+def stop_orthanc(proc):
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("orthanc")
+    url = write_orthanc_config(folder, free_port())
+    proc = start_orthanc(folder)
+    yield url
+    stop_orthanc(proc)
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +251,76 @@ def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
     points = mask_points_ras(mask)
     assert len(points) and inside_ellipsoid(points, centre, radii).mean() > 0.7
     assert green_pixels(after, box) > green_pixels(marked, box) + 50  # the segment is drawn over the image
+
+
+def test_a_pacs_that_is_down_or_hung_gets_a_clear_error_in_bounded_time_and_sam3d_recovers(
+    demo_studies, trained_tiny, tmp_path
+):
+    """The PACS is down when the server starts, comes up, hangs (SIGSTOP) while a series is fetched, resumes,
+    then goes away again: each request gets a 4xx/5xx that says what happened within the configured timeout
+    (never a 500 or a hang), series fetched before stay usable, and no partial series is ever served."""
+    from make_demo_studies import STUDIES
+    from make_dicom_studies import series_uids, upload, write_series
+
+    timeout = 5
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    pacs = write_orthanc_config(folder, free_port())
+    cache = tmp_path / "cache"
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny[0],
+            "--conf", "warmup", "false", "--conf", "dicomweb_timeout", str(timeout)]
+    server, url = start_server(APP, f"{pacs}/dicom-web", conf, str(tmp_path / "server.log"),
+                               {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache)})
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    first, second = (series_uids(s.name)["series"] for s in STUDIES[:2])
+    series_folders = {}
+    for study in STUDIES[:2]:
+        files = write_series(os.path.join(demo_studies, f"{study.name}.nii.gz"), study.name, str(tmp_path / "dicom"))
+        series_folders[series_uids(study.name)["series"]] = (study, read_series(os.path.dirname(files[0])), files)
+
+    def click(series_uid):
+        study, series, _ = series_folders[series_uid]
+        ijk = list(series.TransformPhysicalPointToIndex((np.asarray(study.lesions[0][0]) * LPS).tolist()))
+        started = time.time()
+        try:
+            path, _ = client.infer("sam3d", series_uid, {"foreground": [ijk], "result_extension": ".nrrd"})
+        except MONAILabelClientException as e:
+            return e, time.time() - started
+        mask = sitk.ReadImage(path)
+        assert mask.GetSize() == series.GetSize()
+        assert inside_ellipsoid(mask_points_ras(mask), *study.lesions[0][:2]).mean() > 0.7
+        return None, time.time() - started
+
+    orthanc = None
+    try:
+        error, seconds = click(first)  # the PACS is not running yet
+        assert error and "503" in str(error) and pacs in str(error) and seconds < timeout + 10, (error, seconds)
+        assert "did not answer" in get_json(f"{url}/info/")["datastore"]["error"]  # OHIF and Slicer can connect
+
+        orthanc = start_orthanc(folder)
+        for _, _, files in series_folders.values():
+            upload(files, f"{pacs}/dicom-web")
+        assert click(first)[0] is None  # it is back: served
+
+        os.kill(orthanc.pid, signal.SIGSTOP)  # hung: connections open, nothing answers
+        error, seconds = click(second)
+        assert error and ("503" in str(error) or "504" in str(error)) and seconds < 2 * timeout + 10, (error, seconds)
+        assert click(first)[0] is None  # a series fetched before does not need the PACS
+        os.kill(orthanc.pid, signal.SIGCONT)
+        deadline = time.time() + 60
+        while (error := click(second)[0]) is not None:  # a download cut short is retried, whole
+            assert time.time() < deadline and ("503" in str(error) or "504" in str(error)), error
+
+        for unknown in ("1.2.3.4.5", "../../etc"):
+            with pytest.raises(MONAILabelClientException, match="404"):
+                client.infer("sam3d", unknown, {"foreground": [[1, 1, 1]]})
+
+        stop_orthanc(orthanc)
+        orthanc = None
+        assert click(first)[0] is None
+        assert not list(cache.rglob(".partial-*")), "a partial download was left in the cache"
+    finally:
+        if orthanc:
+            os.kill(orthanc.pid, signal.SIGCONT)
+            stop_orthanc(orthanc)
+        stop_server(server)

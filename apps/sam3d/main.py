@@ -24,6 +24,7 @@ from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import Uncertain
 from lib.configs.sam3d import Sam3DTaskConfig
 from lib.datastore import AtomicLocalDatastore
+from lib.dicomweb import DICOMwebStudies, bounded_client
 from lib.transforms.clicks import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,20 @@ def verify_tokens_with_pyjwt2() -> None:
         auth.jwt = types.SimpleNamespace(decode=functools.partial(jwt.decode, algorithms=TOKEN_ALGORITHMS))
 
 
+def positive_seconds(text: str, name: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"--conf {name} {text!r}: give a number of seconds above 0")
+    return seconds
+
+
 class Sam3DApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         verify_tokens_with_pyjwt2()
+        self.dicomweb_timeout = positive_seconds(conf.get("dicomweb_timeout", "60"), "dicomweb_timeout")
         self.model_dir = os.path.join(app_dir, "model")
         self.task = Sam3DTaskConfig()
         self.task.init("sam3d", self.model_dir, conf, None)
@@ -66,6 +78,29 @@ class Sam3DApp(MONAILabelApp):
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        if "googleapis.com" in self.studies:  # Google's own session and retries; not bounded here
+            return super()._init_dicomweb_datastore()
+        self._download_dcmqi_tools()  # finds the dcmqi wheel's tool on PATH; downloads it only when missing
+        client = bounded_client(
+            self.studies,
+            self.dicomweb_timeout,
+            settings.MONAI_LABEL_DICOMWEB_USERNAME,
+            settings.MONAI_LABEL_DICOMWEB_PASSWORD,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        return DICOMwebStudies(
+            client,
+            timeout=self.dicomweb_timeout,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache_path or None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:

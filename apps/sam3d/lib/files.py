@@ -55,9 +55,12 @@ def sync_folder(folder: str) -> None:
 
 
 def remove_partial_files(folder: str) -> int:
-    """Delete temporary files left in ``folder`` by a writer that was killed; returns how many."""
+    """Delete temporary files (or folders) left in ``folder`` by a writer that was killed; returns how many."""
     stale = glob.glob(os.path.join(glob.escape(folder), f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"))
     for path in stale:
         logger.warning(f"removing {path}: left by a write that was interrupted")
-        os.unlink(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
     return len(stale)
