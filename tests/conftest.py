@@ -70,6 +70,14 @@ def start_server(app, studies, conf, log_path, env=None):
             time.sleep(1)
 
 
+def copy_app(folder):
+    """A copy of the app, so that what a server publishes or logs stays in a temporary folder."""
+    app = os.path.join(folder, "sam3d")
+    shutil.copytree(APP, app, ignore=lambda parent, names: [n for n in names if n == "__pycache__" or (
+        parent == APP and n in ("model", "logs"))])
+    return app
+
+
 def stop_server(proc):
     proc.terminate()
     try:

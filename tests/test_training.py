@@ -14,16 +14,14 @@ import pytest
 import torch
 from monailabel.client import MONAILabelClient
 
-from conftest import APP, start_server, stop_server
+from conftest import copy_app, start_server, stop_server
 from lib.model import build_sam3d
 
 
 @pytest.fixture(scope="module")
 def training_server(tmp_path_factory, demo_studies):
     """A server on a copy of the app, so that what training publishes stays in a temporary model folder."""
-    app = str(tmp_path_factory.mktemp("app") / "sam3d")
-    shutil.copytree(APP, app, ignore=lambda folder, names: [n for n in names if n == "__pycache__" or (
-        folder == APP and n in ("model", "logs"))])
+    app = copy_app(str(tmp_path_factory.mktemp("app")))
     studies = str(tmp_path_factory.mktemp("studies"))
     shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
     for name in ("unlabelled_01", "unlabelled_02"):
@@ -147,9 +145,16 @@ def test_a_killed_training_run_leaves_the_published_model_serving_and_the_next_r
     assert np.array_equal(click_mask(client, str(tmp_path)), mask_before)  # ... and is still what is served
 
     client.train_start("sam3d", {"steps": 200})
+    served_while_training = 0
     while (task := client.train_status())["status"] not in ("DONE", "ERROR"):
+        if task["status"] == "RUNNING" and served_while_training < 3:  # clicks share the machine with training
+            mask = click_mask(client, str(tmp_path))
+            if client.train_status()["status"] == "RUNNING":  # nothing published yet: the same model answered
+                assert np.array_equal(mask, mask_before)
+                served_while_training += 1
         time.sleep(1)
     assert task["status"] == "DONE", task
+    assert served_while_training > 0
     stats = client.info()["train_stats"]["sam3d"]
     assert 25 <= stats["resumed_at_step"] < 200 and stats["steps"] == 200
     assert not os.path.exists(state)  # published, so the next run starts from the published model

@@ -23,7 +23,7 @@ from monailabel.tasks.scoring.dice import Dice
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import Uncertain
 from lib.configs.sam3d import Sam3DTaskConfig
-from lib.datastore import AtomicLocalDatastore
+from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import DICOMwebStudies, bounded_client
 from lib.transforms.clicks import InvalidRequest
 
@@ -44,20 +44,32 @@ def verify_tokens_with_pyjwt2() -> None:
         auth.jwt = types.SimpleNamespace(decode=functools.partial(jwt.decode, algorithms=TOKEN_ALGORITHMS))
 
 
-def positive_seconds(text: str, name: str) -> float:
+def positive_number(text: str, name: str) -> float:
     try:
-        seconds = float(text)
+        number = float(text)
     except ValueError:
-        seconds = float("nan")
-    if not seconds > 0:
-        raise ValueError(f"--conf {name} {text!r}: give a number of seconds above 0")
-    return seconds
+        number = float("nan")
+    if not 0 < number < float("inf"):
+        raise ValueError(f"--conf {name} {text!r}: give a number above 0")
+    return number
+
+
+def limit_request_bodies(max_bytes: int) -> None:
+    """MONAI Label copies every upload (an image to segment, a label to save) to disk without a size limit, so
+    one client could fill the disk. FastAPI answers 413 to bodies over ``max_body_size``; MONAI Label creates its
+    server without one, and the app exists only after the server has built its middleware, so set the limit and
+    let the server rebuild its middleware on the next request (Starlette builds it when it is None)."""
+    from monailabel.app import app as server  # the FastAPI server that runs this app
+
+    server.max_body_size = max_bytes
+    server.middleware_stack = None
 
 
 class Sam3DApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         verify_tokens_with_pyjwt2()
-        self.dicomweb_timeout = positive_seconds(conf.get("dicomweb_timeout", "60"), "dicomweb_timeout")
+        self.dicomweb_timeout = positive_number(conf.get("dicomweb_timeout", "60"), "dicomweb_timeout")
+        self.max_upload_bytes = int(positive_number(conf.get("max_upload_mb", "2048"), "max_upload_mb") * 2**20)
         self.model_dir = os.path.join(app_dir, "model")
         self.task = Sam3DTaskConfig()
         self.task.init("sam3d", self.model_dir, conf, None)
@@ -73,7 +85,7 @@ class Sam3DApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        return AtomicLocalDatastore(
+        return SafeLocalDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -118,7 +130,8 @@ class Sam3DApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        # Only the server calls this (not MONAI Label's training subprocess), so only it warms up.
+        # Only the server calls this (not MONAI Label's training subprocess), so only it warms up and serves.
+        limit_request_bodies(self.max_upload_bytes)
         if self.task.warmup:
             self._infers[self.task.name].start_warm_up()
 
@@ -134,6 +147,17 @@ class Sam3DApp(MONAILabelApp):
         )
         uploads, sessions = os.path.realpath(tempfile.gettempdir()), os.path.realpath(sessions)
         return folder == uploads or folder == sessions or folder.startswith(sessions + os.sep)
+
+    def train(self, request):
+        # Runs in MONAI Label's training process, or in the server with run_sync: a bad request must then be a
+        # 4xx, not a 500.
+        if request.get("model") not in self._trainers:
+            detail = f"unknown model {request.get('model')!r}; this app trains {list(self._trainers)}"
+            raise HTTPException(status_code=404, detail=detail)
+        try:
+            return super().train(request)
+        except InvalidRequest as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
 
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:

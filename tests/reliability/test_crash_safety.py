@@ -18,13 +18,15 @@ from monailabel.client.client import MONAILabelClientException
 
 from conftest import APP, start_server, stop_server
 
-IMAGE = "demo_ct_01"
+IMAGE = "large_ct"  # 256^3, so that its label is large
+SHAPE = (256, 256, 256)
+DEMO_LABELS = {"demo_ct_01.nii.gz", "demo_ct_02_aniso.nii.gz", "demo_ct_03_oblique.nii.gz"}
 CONF = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "warmup", "false"]
 
 
 def write_label(path, value):
     """A 16 MiB uncompressed label, large enough that copying it is not instantaneous."""
-    data = np.zeros((256, 256, 256), np.uint8)
+    data = np.zeros(SHAPE, np.uint8)
     data[value::7] = value
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
     with open(path, "rb") as f:
@@ -44,7 +46,7 @@ def sha256(path):
 def studies(tmp_path_factory, demo_studies):
     folder = str(tmp_path_factory.mktemp("crash_studies"))
     shutil.copytree(demo_studies, folder, dirs_exist_ok=True)
-    shutil.rmtree(os.path.join(folder, "labels"))  # the demo labels are .nii.gz; ours are .nii
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), os.path.join(folder, f"{IMAGE}.nii.gz"))
     return folder
 
 
@@ -83,7 +85,7 @@ def test_a_kill_during_a_label_save_leaves_the_old_or_the_new_label_whole(studie
     try:
         client = MONAILabelClient(url, tmpdir=str(tmp_path))
         assert IMAGE in client.datastore()["objects"]  # MONAI Label read the datastore back
-        assert sorted(os.listdir(labels)) == [f"{IMAGE}.nii"], "a partial file was left behind"
+        assert set(os.listdir(labels)) == DEMO_LABELS | {f"{IMAGE}.nii"}, "a partial file was left behind"
         with urllib.request.urlopen(f"{url}/datastore/label?label={IMAGE}&tag=final") as served:
             assert hashlib.sha256(served.read()).hexdigest() in (old, new)
         mask, _ = client.infer("sam3d", IMAGE, {"foreground": [[83, 73, 47]]})
@@ -108,7 +110,7 @@ def test_a_datastore_file_that_does_not_parse_is_kept_aside_and_the_server_start
     proc, url = start_server(APP, folder, CONF, str(tmp_path / "server.log"))
     try:
         objects = MONAILabelClient(url, tmpdir=str(tmp_path)).datastore()["objects"]
-        assert IMAGE in objects and objects[IMAGE]["labels"], "images and labels are found again from the files"
+        assert objects["demo_ct_01"]["labels"], "images and labels are found again from the files"
     finally:
         stop_server(proc)
     kept = [n for n in os.listdir(folder) if n.startswith("datastore_v2.json.unreadable-")]

@@ -1,28 +1,55 @@
-"""MONAI Label's local datastore with crash-safe writes.
+"""MONAI Label's local datastore, made safe for stored labels and strict with requests.
 
 MONAI Label 0.8.5's ``LocalDatastore`` copies a saved label or image straight onto its destination and rewrites
 ``datastore_v2.json`` in place: a server killed during a save leaves a truncated label (that training would read)
 or a truncated JSON (and then the server no longer starts). Here every write goes to a temporary file that is
-renamed into place, so after a kill each file is the old one or the new one.
+renamed into place, so after a kill each file is the old one or the new one. A label is stored only if it is a
+whole 3D image on its image's grid, and unknown ids or malformed info are 4xx answers instead of 500s.
+
+FastAPI's ``HTTPException`` is raised from the datastore itself because MONAI Label's datastore endpoints call
+it directly and MONAI Label has no exception handler that would map its own exceptions to a status.
 """
 
+import functools
 import json
 import logging
 import os
+import re
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+import SimpleITK as sitk
+from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from lib.files import atomic_copy, atomic_write, remove_partial_files
+from lib.transforms.clicks import require_complete_nifti
 
 logger = logging.getLogger(__name__)
 
+SAFE_NAME = re.compile(r"^\w[\w.+-]*$")
 
-class AtomicLocalDatastore(LocalDatastore):
+
+def missing_is_404(method):
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except (ImageNotFoundException, LabelNotFoundException) as e:
+            raise HTTPException(status_code=404, detail=str(e)) from e
+
+    return call
+
+
+def require_json_object(info: Any) -> None:
+    if not isinstance(info, dict):
+        raise HTTPException(status_code=422, detail=f"info must be a JSON object, not {type(info).__name__}")
+
+
+class SafeLocalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, datastore_config: str = "datastore_v2.json", **kwargs):
         set_aside_unreadable(os.path.join(datastore_path, datastore_config))
         super().__init__(datastore_path, datastore_config=datastore_config, **kwargs)
@@ -31,11 +58,32 @@ class AtomicLocalDatastore(LocalDatastore):
         remove_partial_files(self._datastore.image_path())
         remove_partial_files(datastore_path)
 
+    remove_image = missing_is_404(LocalDatastore.remove_image)
+    remove_label = missing_is_404(LocalDatastore.remove_label)
+
+    @missing_is_404
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        require_json_object(info)
+        super().update_image_info(image_id, info)
+
+    @missing_is_404
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        require_json_object(info)
+        super().update_label_info(label_id, label_tag, info)
+
+    def get_dataset_archive(self, limit_cases: Optional[int]) -> str:
+        if not self.datalist():
+            raise HTTPException(status_code=404, detail="no image has a final label yet: nothing to archive")
+        return super().get_dataset_archive(limit_cases)
+
     # The two methods below keep LocalDatastore's bookkeeping (ids, names, info, lock) and change only how the
     # file is written.
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         default_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or default_id
+        require_name("image id", image_id)
+        require_json_object(image_info or {})
+        require_volume(image_filename, f"the image {image_id}")
         name = self._filename(image_id, ext)
         logger.info(f"Adding image {image_id} => {name}")
         with FileLock(self._lock_file):
@@ -48,7 +96,10 @@ class AtomicLocalDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         entry = self._datastore.objects.get(image_id)
         if not entry:
-            raise ImageNotFoundException(f"Image {image_id} not found")
+            raise HTTPException(status_code=404, detail=f"unknown image {image_id!r}: not in the datastore")
+        require_json_object(label_info or {})
+        require_name("label tag", label_tag)
+        require_label_of(label_filename, self.get_image_uri(image_id), image_id)
         _, ext = self._to_id(os.path.basename(label_filename))
         name = self._filename(image_id, ext)
         logger.info(f"Saving label {label_tag} of {image_id} => {name}")
@@ -71,6 +122,51 @@ class AtomicLocalDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+
+def require_name(kind: str, name: str) -> None:
+    """Ids and tags become file and folder names: ``../x`` would write outside the datastore."""
+    if not SAFE_NAME.match(name or ""):
+        raise HTTPException(status_code=422, detail=f"{kind} {name!r}: use letters, digits and . _ + - (not first)")
+
+
+def read_header(path: str, what: str) -> sitk.ImageFileReader:
+    try:
+        require_complete_nifti(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        return reader
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # what ITK, nibabel and gzip raise for bad files
+        reason = str(e).strip().splitlines()[-1][-200:]
+        raise HTTPException(status_code=422, detail=f"{what} cannot be read: {reason}") from None
+
+
+def require_volume(path: str, what: str) -> sitk.ImageFileReader:
+    """MONAI Label stores whatever file is sent. sam3d segments single-channel 3D volumes."""
+    header = read_header(path, what)
+    if header.GetDimension() != 3 or header.GetNumberOfComponents() != 1:
+        raise HTTPException(status_code=422, detail=f"{what} is not one 3D volume: {describe(header)}")
+    return header
+
+
+def require_label_of(label_path: str, image_path: str, image_id: str) -> None:
+    """A wrong or broken label would replace the one stored before (a radiologist's work) and later break
+    training: keep only a whole 3D label on the image's voxel grid."""
+    what = f"the label for {image_id}"
+    label = require_volume(label_path, what)
+    try:
+        label.Execute()  # all voxels: a compressed file cut short fails here
+    except RuntimeError:
+        raise HTTPException(status_code=422, detail=f"{what} cannot be read: its voxel data are damaged") from None
+    image = read_header(image_path, f"the stored image {image_id}")
+    if label.GetSize() != image.GetSize():
+        raise HTTPException(status_code=422, detail=f"{what} is {describe(label)}; the image is {describe(image)}")
+
+
+def describe(header: sitk.ImageFileReader) -> str:
+    components = header.GetNumberOfComponents()
+    return "x".join(map(str, header.GetSize())) + (f" with {components} components" if components > 1 else "")
 
 
 def set_aside_unreadable(config_path: str) -> None:

@@ -11,8 +11,7 @@ leaves a folder that later requests take for the whole series, so a partial volu
 - an unreachable PACS is a 503 and a series it does not have is a 404, with messages that say so; the server
   starts and /info/ answers while the PACS is down.
 
-FastAPI's ``HTTPException`` is raised from the datastore itself because MONAI Label calls the datastore from
-its own endpoints (datastore, active learning, infer) and has no exception handler of its own to map errors.
+``HTTPException`` is raised from the datastore for the reason given in lib/datastore.py.
 """
 
 import functools
@@ -35,7 +34,7 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 from requests.adapters import HTTPAdapter
 
-from lib.datastore import AtomicLocalDatastore
+from lib.datastore import SafeLocalDatastore
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
 
 logger = logging.getLogger(__name__)
@@ -80,8 +79,8 @@ def answers_503_when_unreachable(method):
     return call
 
 
-class DICOMwebStudies(DICOMWebDatastore, AtomicLocalDatastore):
-    """Local copies (and the datastore file) are written by :class:`AtomicLocalDatastore`, next in line."""
+class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
+    """Local copies (and the datastore file) are written by :class:`SafeLocalDatastore`, next in line."""
 
     def __init__(self, client: DICOMwebClient, timeout: float, **kwargs):
         self.timeout = timeout

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.files import atomic_write
 from lib.model import save_sam3d
 from lib.model.build import ModelSource
+from lib.transforms.clicks import InvalidRequest
 from lib.transforms.presets import PRESETS
 
 from .data import load_labelled
@@ -57,15 +57,15 @@ def run(rank: int, world: int, job: TrainingJob) -> None:
         options = job.options
         model = job.source.build(device)
         select_trainable(model)
-        model.image_encoder.gradient_checkpointing = str(options["activation_checkpointing"]).lower() in ("true", "1")
+        model.image_encoder.gradient_checkpointing = options["activation_checkpointing"]
         volumes = [load_labelled(d["image"], d["label"], job.preset) for d in job.train]
         losses, resumed_at = fit(
             model,
             volumes,
-            int(options["steps"]),
+            options["steps"],
             PRESETS[job.preset],
-            float(options["learning_rate"]),
-            int(options["seed"]),
+            options["learning_rate"],
+            options["seed"],
             state_path=job.state_path,
         )
         if rank == 0:
@@ -100,6 +100,51 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
     logger.info(f"sam3d training done: {stats}")
 
 
+DEFAULT_OPTIONS = {
+    "steps": 200,
+    "learning_rate": 4e-4,
+    "val_split": 0.2,
+    "seed": 0,
+    # Recompute encoder activations in the backward pass: a paper-configuration step then fits a modest GPU
+    # (see docs/benchmarks.md) at about a third more compute.
+    "activation_checkpointing": True,
+    # One process per visible GPU (MONAI Label's `gpus` request option chooses which are visible).
+    "multi_gpu": True,
+}
+# The accepted range of each numeric option: (lowest, highest).
+OPTION_RANGES = {"steps": (1, 10**6), "learning_rate": (1e-8, 1.0), "val_split": (0.0, 0.5), "seed": (0, 2**32 - 1)}
+
+
+def training_options(defaults: Dict[str, Any], request: Dict[str, Any]) -> Dict[str, Any]:
+    """The defaults with the request's values of the same options, each checked and given the default's type.
+    Other keys (MONAI Label adds its own, e.g. ``model``) are not options and are left out."""
+    options = dict(defaults)
+    for name, default in defaults.items():
+        if name in request:
+            options[name] = option_value(name, request[name], default)
+    return options
+
+
+def option_value(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):  # clients send booleans or their text
+        if str(value).lower() in ("true", "1", "false", "0"):
+            return str(value).lower() in ("true", "1")
+        raise InvalidRequest(f"training option {name}: {value!r} is not true or false")
+    try:
+        number = float(value)
+        if isinstance(default, int):
+            if isinstance(value, bool) or number != int(number):
+                raise ValueError
+            number = int(number)
+    except (TypeError, ValueError, OverflowError):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise InvalidRequest(f"training option {name}: {value!r} is not {kind}") from None
+    lowest, highest = OPTION_RANGES[name]
+    if not lowest <= number <= highest:  # NaN fails too
+        raise InvalidRequest(f"training option {name}: {value!r} is outside [{lowest:g}, {highest:g}]")
+    return number
+
+
 class Sam3DTrainer(TrainTask):
     """Fine-tunes the model in use on the datastore's images whose labels are tagged final.
 
@@ -118,17 +163,7 @@ class Sam3DTrainer(TrainTask):
         self.publish_path = publish_path
         self.stats_path = stats_path
         self.state_path = state_path
-        self.options = {
-            "steps": 200,
-            "learning_rate": 4e-4,
-            "val_split": 0.2,
-            "seed": 0,
-            # Recompute encoder activations in the backward pass: a paper-configuration step then fits a
-            # modest GPU (see docs/benchmarks.md) at about a third more compute.
-            "activation_checkpointing": True,
-            # One process per visible GPU (MONAI Label's `gpus` request option chooses which are visible).
-            "multi_gpu": True,
-        }
+        self.options = dict(DEFAULT_OPTIONS)
 
     def config(self) -> Dict[str, Any]:
         return dict(self.options)
@@ -140,12 +175,12 @@ class Sam3DTrainer(TrainTask):
             return json.load(f)
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
-        options = {**self.options, **request}
+        options = training_options(self.options, request)
         datalist = sorted(datastore.datalist(), key=lambda d: d["image"])
         if not datalist:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no images with a final label to train on")
-        order = np.random.default_rng(int(options["seed"])).permutation(len(datalist))
-        n_val = int(round(len(datalist) * float(options["val_split"]))) if len(datalist) > 1 else 0
+            raise InvalidRequest("no images with a final label to train on: save some labels first")
+        order = np.random.default_rng(options["seed"]).permutation(len(datalist))
+        n_val = int(round(len(datalist) * options["val_split"])) if len(datalist) > 1 else 0
         job = TrainingJob(
             source=self.source,
             preset=self.preset,
@@ -159,8 +194,7 @@ class Sam3DTrainer(TrainTask):
         )
         logger.info(f"sam3d training: {len(job.train)} training and {len(job.val)} validation images")
         gpus = torch.cuda.device_count() if self.source.device.startswith("cuda") else 0
-        multi_gpu = str(options["multi_gpu"]).lower() in ("true", "1") and gpus > 1
-        if multi_gpu:
+        if options["multi_gpu"] and gpus > 1:
             torch.multiprocessing.spawn(run, args=(gpus, job), nprocs=gpus, join=True)
         else:
             run(0, 1, job)
