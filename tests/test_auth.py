@@ -8,7 +8,10 @@ for real (signature and expiry) and applies MONAI Label's roles to sam3d's endpo
 import base64
 import http.server
 import json
+import os
+import re
 import shutil
+import subprocess
 import threading
 import time
 import urllib.error
@@ -109,3 +112,23 @@ def test_roles_decide_who_may_infer_save_and_train(auth_server):
     assert save_label(url, studies, user)[0] == 403  # but not save them
     assert save_label(url, studies, annotator)[0] == 200  # an annotator may
     assert call(url, "POST", "/train/sam3d", annotator, {"params": "{}"})[0] == 403  # only an admin trains
+
+
+SECRET_PATTERNS = {
+    "private key": re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "signed token": re.compile(rb"eyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]{10,}"),
+    "cloud access key": re.compile(rb"\b(AKIA[0-9A-Z]{16}|AIza[\w-]{35})\b"),
+    "GitHub token": re.compile(rb"\bgh[pousr]_[A-Za-z0-9]{36}\b"),
+}
+
+
+def test_the_repository_holds_no_keys_or_tokens():
+    """The test keys above are made at run time; nothing secret is committed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    found = []
+    for name in filter(None, files):
+        with open(os.path.join(root, name.decode()), "rb") as f:
+            text = f.read()
+        found += [(name.decode(), kind) for kind, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+    assert len(files) > 50 and not found, found

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import pydicom
@@ -324,3 +325,34 @@ def test_a_pacs_that_is_down_or_hung_gets_a_clear_error_in_bounded_time_and_sam3
             os.kill(orthanc.pid, signal.SIGCONT)
             stop_orthanc(orthanc)
         stop_server(server)
+
+
+class RunAtOnce(Executor):
+    """Runs each task in the caller's thread: the download is over before ``submit`` returns."""
+
+    def submit(self, fn, *args, **kwargs):
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
+
+
+@pytest.mark.timeout(60)
+def test_a_download_over_before_its_bookkeeping_is_set_up_answers_503_and_is_retried(tmp_path):
+    """A download that fails at once (connection refused) may finish before the request registers it; that once
+    deadlocked the server (found by the test above, in a full run). Running downloads at once makes it certain."""
+    from fastapi import HTTPException
+
+    from lib.dicomweb import DICOMwebStudies, bounded_client
+
+    pacs = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
+    studies = DICOMwebStudies(bounded_client(pacs, 5), timeout=5, search_filter={"Modality": "CT"},
+                              cache_path=str(tmp_path))
+    studies._downloader = RunAtOnce()
+    for _ in range(2):  # the failed download is forgotten, so the second click tries again
+        with pytest.raises(HTTPException) as refused:
+            studies.get_image_uri("1.2.3.4")
+        assert refused.value.status_code == 503 and pacs in refused.value.detail
+    assert not studies._downloads

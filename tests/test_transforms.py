@@ -177,3 +177,50 @@ def test_a_refinement_click_keeps_the_crop_it_falls_in():
     assert refined[0].start == first.start  # not re-centred: the cached encoding stays valid
     far = plan_crops(np.array([[100, 100, 100], [150, 100, 100]]), np.zeros((0, 3), int), shape, 128, [first.start])
     assert far[0].start != first.start  # 150 lies within an eighth of a crop of the face at 164: re-centre
+
+
+def oriented(path):
+    data = {"image": path}
+    for t in [LoadImaged(keys="image", reader="ITKReader"), EnsureChannelFirstd(keys="image"),
+              *spatial_transforms(PRESETS["kits"])[:1]]:  # the reorientation only
+        data = t(data)
+    return data
+
+
+@pytest.mark.parametrize("pixdim", [(1.0, 1.0, 1.0), (1.5, 0.8, 0.8), (2.5, 0.7, 0.7)])
+@pytest.mark.parametrize("name", ["demo_ct_01", "demo_ct_02_aniso", "demo_ct_03_oblique"])
+def test_separable_spacing_gives_the_grid_and_values_of_monai_spacing(demo_studies, name, pixdim):
+    from monai.transforms import Spacingd
+
+    from lib.transforms.resample import SeparableSpacingd
+
+    data = oriented(os.path.join(demo_studies, f"{name}.nii.gz"))
+    reference = Spacingd(keys="image", pixdim=pixdim, mode="bilinear")(dict(data))["image"]  # float64 sampling
+    ours = SeparableSpacingd(keys="image", pixdim=pixdim)(dict(data))["image"]
+    assert ours.shape == reference.shape and ours.dtype == torch.float32
+    assert torch.allclose(ours.affine.double(), reference.affine.double(), atol=1e-6)
+    assert torch.allclose(ours.as_tensor(), reference.as_tensor().float(), atol=1e-3)  # HU, float32 vs float64
+
+
+@pytest.mark.parametrize("name", ["demo_ct_01", "demo_ct_02_aniso", "demo_ct_03_oblique"])
+def test_separable_spacing_of_a_label_gives_monai_nearest_neighbours(demo_studies, name):
+    """(Grids whose samples fall exactly half-way between voxels are left out: there either neighbour is
+    nearest, and MONAI's float32 sampling picks one by rounding error.)"""
+    from monai.transforms import Spacingd
+
+    from lib.transforms.resample import SeparableSpacingd
+
+    data = oriented(os.path.join(demo_studies, "labels", "final", f"{name}.nii.gz"))
+    reference = Spacingd(keys="image", pixdim=(1.3, 0.9, 0.9), mode="nearest")(dict(data))["image"]
+    ours = SeparableSpacingd(keys="image", pixdim=(1.3, 0.9, 0.9), mode=("nearest",))(dict(data))["image"]
+    assert torch.equal(ours.as_tensor(), reference.as_tensor().float())
+
+
+def test_resampling_a_large_ct_adds_at_most_twice_its_result_in_memory():
+    """MONAI's Spacingd adds about 14 times its result (a float64 grid of coordinates); see
+    scripts/benchmark_preprocessing.py and docs/benchmarks.md."""
+    from benchmark_preprocessing import measure
+
+    run = measure("sam3d", shape=(384, 384, 200), spacing=(0.8, 0.8, 2.5))
+    assert run["result_shape"] == [498, 307, 307]  # (200 - 1) * 2.5 mm, (384 - 1) * 0.8 mm, at 1 mm
+    assert run["added_gib"] <= 2 * run["result_gib"] + 1 / 16, run

@@ -132,10 +132,12 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
             return  # complete: folders are renamed into place whole
         with self._downloads_lock:
             download = self._downloads.get(series_uid)
-            if download is None:
+            started = download is None
+            if started:
                 download = self._downloader.submit(self._download, series_uid, folder)
                 self._downloads[series_uid] = download
-                download.add_done_callback(lambda _: self._forget(series_uid))
+        if started:  # outside the lock: a download already over runs the callback here, at once
+            download.add_done_callback(functools.partial(self._forget, series_uid))
         try:
             download.result(timeout=self.timeout)
         except WaitedTooLong:
@@ -147,9 +149,10 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
         except requests.RequestException as e:
             raise self.unreachable(e) from e
 
-    def _forget(self, series_uid: str) -> None:
+    def _forget(self, series_uid: str, download: Future) -> None:
         with self._downloads_lock:
-            self._downloads.pop(series_uid, None)  # a failed download is retried by the next request
+            if self._downloads.get(series_uid) is download:
+                del self._downloads[series_uid]  # a failed download is retried by the next request
 
     def _download(self, series_uid: str, folder: str) -> None:
         study_uid = self._study_of(series_uid)

@@ -12,8 +12,9 @@ from monai.transforms import (
     Orientationd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
-    Spacingd,
 )
+
+from .resample import SeparableSpacingd
 
 # The model sees volumes as (D, H, W) with D the slice axis. Axial slices in radiological display:
 # D runs inferior -> superior, rows anterior -> posterior, columns right -> left.
@@ -62,7 +63,7 @@ def spatial_transforms(preset: Preset, keys=("image",), modes=("bilinear",)) -> 
     """Reorient to the model's axes and resample to the preset spacing (labels: ``modes`` "nearest")."""
     return [
         Orientationd(keys=keys, axcodes=MODEL_AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys=keys, pixdim=preset.spacing, mode=modes),
+        SeparableSpacingd(keys=keys, pixdim=preset.spacing, mode=modes),
     ]
 
 
