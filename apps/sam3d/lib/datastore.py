@@ -22,7 +22,6 @@ import SimpleITK as sitk
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
-from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from lib.files import atomic_copy, atomic_write, remove_partial_files
@@ -53,10 +52,9 @@ class SafeLocalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, datastore_config: str = "datastore_v2.json", **kwargs):
         set_aside_unreadable(os.path.join(datastore_path, datastore_config))
         super().__init__(datastore_path, datastore_config=datastore_config, **kwargs)
-        for tag in (None, DefaultLabelTag.FINAL, DefaultLabelTag.ORIGINAL):
-            remove_partial_files(self._datastore.label_path(tag))
-        remove_partial_files(self._datastore.image_path())
-        remove_partial_files(datastore_path)
+        labels = self._datastore.label_path(None)
+        for folder in [datastore_path, self._datastore.image_path(), labels, *next(os.walk(labels))[1]]:
+            remove_partial_files(os.path.join(labels, folder))  # an absolute folder stays as it is
 
     remove_image = missing_is_404(LocalDatastore.remove_image)
     remove_label = missing_is_404(LocalDatastore.remove_label)
@@ -76,8 +74,8 @@ class SafeLocalDatastore(LocalDatastore):
             raise HTTPException(status_code=404, detail="no image has a final label yet: nothing to archive")
         return super().get_dataset_archive(limit_cases)
 
-    # The two methods below keep LocalDatastore's bookkeeping (ids, names, info, lock) and change only how the
-    # file is written.
+    # The two methods below keep LocalDatastore's bookkeeping (ids, names, info, lock); they check what they are
+    # given and write the file atomically.
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         default_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or default_id
