@@ -327,6 +327,27 @@ def test_a_pacs_that_is_down_or_hung_gets_a_clear_error_in_bounded_time_and_sam3
         stop_server(server)
 
 
+def test_a_series_with_a_slice_missing_or_a_damaged_slice_is_a_422_not_a_wrong_volume(
+    orthanc, pacs_server, demo_studies, tmp_path
+):
+    from make_demo_studies import STUDIES
+    from make_dicom_studies import series_uids, upload, write_series
+
+    client = MONAILabelClient(pacs_server, tmpdir=str(tmp_path))
+    source = os.path.join(demo_studies, f"{STUDIES[0].name}.nii.gz")
+    gap = sorted(write_series(source, "slice_missing", str(tmp_path)))
+    os.remove(gap.pop(len(gap) // 2))  # ITK would stack the rest at their average spacing
+    damaged = sorted(write_series(source, "slice_damaged", str(tmp_path)))
+    broken = pydicom.dcmread(damaged[len(damaged) // 2])
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]
+    broken.save_as(damaged[len(damaged) // 2])
+    for files, reason in ((gap, "unevenly spaced slices"), (damaged, "cannot be read as a volume")):
+        upload(files, f"{orthanc}/dicom-web")
+        name = os.path.basename(os.path.dirname(files[0]))
+        with pytest.raises(MONAILabelClientException, match=f"422.*{reason}"):
+            client.infer("sam3d", series_uids(name)["series"], {"foreground": [[40, 40, 10]]})
+
+
 class RunAtOnce(Executor):
     """Runs each task in the caller's thread: the download is over before ``submit`` returns."""
 

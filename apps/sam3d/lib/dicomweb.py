@@ -9,7 +9,8 @@ leaves a folder that later requests take for the whole series, so a partial volu
   background (the client is told to ask again) and a repeated request joins it instead of starting another;
 - a series is downloaded into a temporary folder that is renamed into place only when complete;
 - an unreachable PACS is a 503 and a series it does not have is a 404, with messages that say so; the server
-  starts and /info/ answers while the PACS is down.
+  starts and /info/ answers while the PACS is down;
+- a series with a slice missing or a damaged instance is a 422 instead of a volume with the wrong geometry or a 500.
 
 ``HTTPException`` is raised from the datastore for the reason given in lib/datastore.py.
 """
@@ -25,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as WaitedTooLong
 from typing import Any, Dict
 
+import numpy as np
+import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
@@ -32,6 +35,7 @@ from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom.errors import InvalidDicomError
 from requests.adapters import HTTPAdapter
 
 from lib.datastore import SafeLocalDatastore
@@ -106,8 +110,15 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
             return {"total": 0, "completed": 0, "label_tags": {}, "error": e.detail}
 
     def get_image_uri(self, image_id: str) -> str:
-        self._fetch_series(image_id, os.path.join(self._datastore.image_path(), image_id))
-        return self._convert(super().get_image_uri, image_id)
+        folder = os.path.join(self._datastore.image_path(), image_id)
+        self._fetch_series(image_id, folder)
+        if not os.path.exists(f"{folder}.nii.gz"):  # not converted yet
+            require_whole_series(folder, image_id)
+        try:
+            return self._convert(super().get_image_uri, image_id)
+        except RuntimeError as e:  # ITK's reader, on a damaged instance
+            reason = str(e).strip().splitlines()[-1][-200:]
+            raise HTTPException(status_code=422, detail=f"series {image_id} cannot be read as a volume: {reason}")
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL:
@@ -173,3 +184,35 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
             detail = f"unknown image {series_uid!r}: {self._client.base_url} has no such series"
             raise HTTPException(status_code=404, detail=detail)
         return found[0]["0020000D"]["Value"][0]
+
+
+def require_whole_series(folder: str, series_uid: str, tolerance: float = 0.01) -> None:
+    """ITK stacks a series with a slice missing (or slices of another series mixed in) into a volume of average
+    spacing, and reads a slice whose pixel data stop short without complaint: the lesions would sit where they
+    are not, or half a slice would be noise. Refuse such a series instead."""
+    names = sorted(os.listdir(folder))
+    if len(names) < 2:  # one file: a multi-frame instance, which MONAI Label hands to GDCM whole
+        return
+    positions, orientations = [], set()
+    for name in names:
+        try:
+            slice_ = pydicom.dcmread(os.path.join(folder, name))
+            positions.append([float(v) for v in slice_.ImagePositionPatient])
+            orientations.add(tuple(round(float(v), 4) for v in slice_.ImageOrientationPatient))
+            if not slice_.file_meta.TransferSyntaxUID.is_compressed:  # compressed frames have no fixed size
+                expected = slice_.Rows * slice_.Columns * slice_.SamplesPerPixel * (slice_.BitsAllocated // 8)
+                if len(slice_.PixelData) < expected * int(getattr(slice_, "NumberOfFrames", 1) or 1):
+                    raise ValueError(f"its pixel data stop short: {len(slice_.PixelData)} of {expected} bytes")
+        except (InvalidDicomError, AttributeError, ValueError, TypeError, EOFError, OSError) as e:
+            raise HTTPException(status_code=422, detail=f"series {series_uid} cannot be read as a volume: {name}: {e}")
+    if len(orientations) != 1:
+        raise HTTPException(status_code=422, detail=f"series {series_uid} mixes slice orientations")
+    row, column = np.reshape(next(iter(orientations)), (2, 3))
+    depths = np.sort(np.asarray(positions) @ np.cross(row, column))
+    gaps = np.diff(depths)
+    if len(gaps) and (gaps.min() <= 0 or gaps.max() - gaps.min() > tolerance * gaps.max()):
+        raise HTTPException(
+            status_code=422,
+            detail=f"series {series_uid} has unevenly spaced slices ({gaps.min():.3g} to {gaps.max():.3g} mm apart): "
+            "a slice missing, or two series mixed",
+        )
