@@ -45,3 +45,17 @@ def test_a_truncated_nifti_is_a_422(client, tmp_path):
     path.write_bytes(gzip.compress(raw[: len(raw) // 2]))  # a valid gzip of half a volume
     with pytest.raises(MONAILabelClientException, match="422.*stop short"):
         client.infer("sam3d", "", {"foreground": [[1, 1, 1]]}, file=str(path))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_truncated_nrrd_is_a_422(client, tmp_path, compressed):
+    import SimpleITK as sitk
+
+    path = str(tmp_path / "cut.nrrd")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 40, 40), np.int16)), path, compressed)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(raw[: len(raw) * 2 // 3])
+    with pytest.raises(MONAILabelClientException, match="422"):
+        client.infer("sam3d", "", {"foreground": [[1, 1, 1]]}, file=path)
