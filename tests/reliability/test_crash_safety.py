@@ -117,3 +117,38 @@ def test_a_datastore_file_that_does_not_parse_is_kept_aside_and_the_server_start
     assert len(kept) == 1
     with open(os.path.join(folder, kept[0])) as f:
         assert f.read().endswith('"ima')
+
+
+def test_the_start_up_clean_up_waits_for_a_save_in_progress(demo_studies, tmp_path):
+    """MONAI Label opens the datastore in a new process for scoring and training, e.g. right after a label is
+    saved; its start-up clean-up once removed the temporary file of a save still in progress (a 500)."""
+    import threading
+
+    from filelock import FileLock
+
+    from lib.datastore import SafeLocalDatastore
+
+    folder = str(tmp_path / "studies")
+    shutil.copytree(demo_studies, folder)
+    datastore = SafeLocalDatastore(folder)
+    partial = os.path.join(folder, "labels", "final", ".partial-inprogress.tmp")
+    with FileLock(datastore._lock_file):  # a save at work (another process's lock), as save_label holds it
+        with open(partial, "wb") as f:
+            f.write(b"the label being written")
+        cleaning = threading.Thread(target=datastore.remove_partial_files)
+        cleaning.start()
+        cleaning.join(timeout=2)
+        assert cleaning.is_alive() and os.path.exists(partial), "the clean-up did not wait for the save"
+        os.replace(partial, os.path.join(folder, "labels", "final", "demo_ct_01.nii.gz"))  # the save completes
+    cleaning.join(timeout=30)
+    assert not cleaning.is_alive()
+
+
+def test_a_claimed_download_folder_is_left_alone_until_its_writer_is_gone(tmp_path):
+    from lib.files import claimed, remove_partial_files
+
+    partial = tmp_path / ".partial-download.tmp"
+    partial.mkdir()
+    with claimed(str(partial)):
+        assert remove_partial_files(str(tmp_path)) == 0 and partial.exists()
+    assert remove_partial_files(str(tmp_path)) == 1 and not partial.exists()

@@ -52,9 +52,15 @@ class SafeLocalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, datastore_config: str = "datastore_v2.json", **kwargs):
         set_aside_unreadable(os.path.join(datastore_path, datastore_config))
         super().__init__(datastore_path, datastore_config=datastore_config, **kwargs)
+        self.remove_partial_files()
+
+    def remove_partial_files(self) -> None:
+        """Temporary files left by a killed writer. Under the datastore's lock: MONAI Label opens the datastore
+        in new processes (scoring, training) while the server may be saving."""
         labels = self._datastore.label_path(None)
-        for folder in [datastore_path, self._datastore.image_path(), labels, *next(os.walk(labels))[1]]:
-            remove_partial_files(os.path.join(labels, folder))  # an absolute folder stays as it is
+        with FileLock(self._lock_file):
+            for folder in [self._datastore_path, self._datastore.image_path(), labels, *next(os.walk(labels))[1]]:
+                remove_partial_files(os.path.join(labels, folder))  # an absolute folder stays as it is
 
     remove_image = missing_is_404(LocalDatastore.remove_image)
     remove_label = missing_is_404(LocalDatastore.remove_label)

@@ -15,6 +15,7 @@ leaves a folder that later requests take for the whole series, so a partial volu
 ``HTTPException`` is raised from the datastore for the reason given in lib/datastore.py.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -32,6 +33,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
+from filelock import FileLock
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -39,7 +41,7 @@ from pydicom.errors import InvalidDicomError
 from requests.adapters import HTTPAdapter
 
 from lib.datastore import SafeLocalDatastore
-from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
+from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX, claimed
 
 logger = logging.getLogger(__name__)
 
@@ -167,15 +169,19 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
 
     def _download(self, series_uid: str, folder: str) -> None:
         study_uid = self._study_of(series_uid)
-        partial = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX)
-        try:
-            dicom_web_download_series(study_uid, series_uid, partial, self._client, self._fetch_by_frame)
-            os.replace(partial, folder)  # replaces an empty folder; a non-empty one means another copy won
-        except OSError:
-            if not (os.path.isdir(folder) and os.listdir(folder)):
-                raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.ExitStack() as stack:
+            # Claimed from its creation on, under the datastore lock that a cleaning process holds while it looks.
+            with FileLock(self._lock_file):
+                partial = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX)
+                stack.enter_context(claimed(partial))
+            try:
+                dicom_web_download_series(study_uid, series_uid, partial, self._client, self._fetch_by_frame)
+                os.replace(partial, folder)  # replaces an empty folder; a non-empty one means another copy won
+            except OSError:
+                if not (os.path.isdir(folder) and os.listdir(folder)):
+                    raise
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
 
     def _study_of(self, series_uid: str) -> str:
         found = self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})

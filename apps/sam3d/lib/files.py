@@ -1,6 +1,8 @@
 """Crash-safe file writes: a reader, or a server restarted after a SIGKILL, sees the old file or the new one,
 never half of one."""
 
+import contextlib
+import fcntl
 import glob
 import logging
 import os
@@ -54,13 +56,43 @@ def sync_folder(folder: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def claimed(path: str):
+    """Hold an exclusive lock on ``path`` (a file or folder being written) so that ``remove_partial_files`` in
+    another process leaves it alone; the lock dies with the process (POSIX only)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def is_claimed(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # renamed into place meanwhile: not ours to remove
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def remove_partial_files(folder: str) -> int:
-    """Delete temporary files (or folders) left in ``folder`` by a writer that was killed; returns how many."""
-    stale = glob.glob(os.path.join(glob.escape(folder), f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"))
+    """Delete temporary files (or folders) left in ``folder`` by a writer that was killed; returns how many.
+
+    Callers make sure no writer is at work: datastore writes happen under the datastore's lock, which the caller
+    holds, and downloads hold a claim on their folder."""
+    stale = [p for p in glob.glob(os.path.join(glob.escape(folder), f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"))
+             if not is_claimed(p)]
     for path in stale:
         logger.warning(f"removing {path}: left by a write that was interrupted")
         if os.path.isdir(path):
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
     return len(stale)
