@@ -58,9 +58,10 @@ class SafeLocalDatastore(LocalDatastore):
         """Temporary files left by a killed writer. Under the datastore's lock: MONAI Label opens the datastore
         in new processes (scoring, training) while the server may be saving."""
         labels = self._datastore.label_path(None)
+        tags = [os.path.join(labels, tag) for tag in next(os.walk(labels))[1]]
         with FileLock(self._lock_file):
-            for folder in [self._datastore_path, self._datastore.image_path(), labels, *next(os.walk(labels))[1]]:
-                remove_partial_files(os.path.join(labels, folder))  # an absolute folder stays as it is
+            for folder in [self._datastore_path, self._datastore.image_path(), labels, *tags]:
+                remove_partial_files(folder)
 
     remove_image = missing_is_404(LocalDatastore.remove_image)
     remove_label = missing_is_404(LocalDatastore.remove_label)
@@ -142,8 +143,12 @@ def read_header(path: str, what: str) -> sitk.ImageFileReader:
         reader.ReadImageInformation()
         return reader
     except (OSError, RuntimeError, EOFError, ValueError) as e:  # what ITK, nibabel and gzip raise for bad files
-        reason = str(e).strip().splitlines()[-1][-200:]
-        raise HTTPException(status_code=422, detail=f"{what} cannot be read: {reason}") from None
+        raise HTTPException(status_code=422, detail=f"{what} cannot be read: {reader_error(e)}") from None
+
+
+def reader_error(error: Exception) -> str:
+    """The last line of an ITK (or nibabel, gzip) error: the reason, without ITK's source locations."""
+    return str(error).strip().splitlines()[-1][-200:]
 
 
 def require_volume(path: str, what: str) -> sitk.ImageFileReader:

@@ -40,7 +40,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.errors import InvalidDicomError
 from requests.adapters import HTTPAdapter
 
-from lib.datastore import SafeLocalDatastore
+from lib.datastore import SafeLocalDatastore, reader_error
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX, claimed
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
         try:
             return self._convert(super().get_image_uri, image_id)
         except RuntimeError as e:  # ITK's reader, on a damaged instance
-            reason = str(e).strip().splitlines()[-1][-200:]
-            raise HTTPException(status_code=422, detail=f"series {image_id} cannot be read as a volume: {reason}")
+            detail = f"series {image_id} cannot be read as a volume: {reader_error(e)}"
+            raise HTTPException(status_code=422, detail=detail) from None
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL:
