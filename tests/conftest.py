@@ -44,7 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(app, studies, conf, log_path, env=None):
+def start_server(app, studies, conf, log_path, env=None, start_seconds=180):
     """`monailabel start_server` on a free loopback port; returns (process, url) once /info/ answers.
 
     The venv's bin folder goes first on PATH, as scripts/serve.sh does (MONAI Label looks there for tools)."""
@@ -56,7 +56,7 @@ def start_server(app, studies, conf, log_path, env=None):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + start_seconds
     while True:
         try:
             urllib.request.urlopen(f"{url}/info/", timeout=5).read()
@@ -94,6 +94,19 @@ def server(tmp_path_factory, demo_studies, tiny_checkpoint):
     log_path = str(tmp_path_factory.mktemp("logs") / "server.log")
     conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", tiny_checkpoint[0]]
     proc, url = start_server(APP, studies, conf, log_path)
+    yield url, studies, log_path
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory, demo_studies):
+    """What a new user starts: the app with no conf at all, on the demo studies. Its first start trains the demo
+    weights (a few minutes on 2 cores). Yields (url, studies, log path)."""
+    folder = tmp_path_factory.mktemp("demo_app")
+    studies = str(folder / "studies")
+    shutil.copytree(demo_studies, studies)
+    log_path = str(folder / "server.log")
+    proc, url = start_server(copy_app(str(folder)), studies, [], log_path, start_seconds=900)
     yield url, studies, log_path
     stop_server(proc)
 

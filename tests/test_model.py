@@ -323,3 +323,75 @@ def test_our_checkpoint_over_another_backbone_is_reported(tmp_path):
     assert not any("WARNING" in s for s in build_sam3d(checkpoint=path).weights_info["loads"])
     torch.manual_seed(1)  # another one
     assert "backbone differs" in " ".join(build_sam3d(checkpoint=path).weights_info["loads"])
+
+
+def optimiser_state_after_a_step(parameters) -> dict:
+    """A real AdamW state, as the authors' train.py saves one per part (their optimiser and settings)."""
+    parameters = [p.detach().clone().requires_grad_(True) for p in parameters]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0)
+    sum((p**2).sum() for p in parameters).backward()
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def saved_like_the_authors_train_py(model) -> dict:
+    """What their train.py passes to torch.save: the epoch, the best validation loss (``np.mean`` of the losses:
+    a numpy float64), the three parts' state dicts, the four prompt encoders and the three optimisers' states."""
+    import numpy as np
+
+    checkpoint = to_authors_format(model)
+    checkpoint.update(
+        epoch=12,
+        best_val_loss=np.mean([0.41, 0.37, 0.39]),
+        encoder_opt=optimiser_state_after_a_step(model.image_encoder.parameters()),
+        feature_opt=optimiser_state_after_a_step(model.prompt_encoder.parameters()),
+        decoder_opt=optimiser_state_after_a_step(model.mask_decoder.parameters()),
+    )
+    assert type(checkpoint["best_val_loss"]).__module__ == "numpy"
+    return checkpoint
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-serialisation"])
+def test_a_checkpoint_written_as_the_authors_train_py_writes_it_loads(tiny, tmp_path, zip_format):
+    perturb(tiny)
+    path = tmp_path / "best.pth.tar"
+    torch.save(saved_like_the_authors_train_py(tiny), path, _use_new_zipfile_serialization=zip_format)
+    loaded = build_sam3d(checkpoint=str(path))  # the backbone comes from the checkpoint
+    for key, tensor in tiny.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    info = loaded.weights_info
+    assert info["state"] == "authors" and info["warning"] is None and info["backbone"] == "tiny"
+    assert "training state (optimisers, epoch)" in " ".join(info["loads"])
+
+
+def test_a_checkpoint_that_still_cannot_load_names_the_file_the_reason_and_what_to_do(tiny, tmp_path):
+    import argparse
+
+    checkpoint = saved_like_the_authors_train_py(tiny)
+    checkpoint["args"] = argparse.Namespace(lr=1e-4)  # an object a weights-only load must not build
+    path = tmp_path / "with_args.pth.tar"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError) as error:
+        build_sam3d(checkpoint=str(path))
+    message = str(error.value)
+    assert str(path) in message and "argparse" in message and "--conf checkpoint" in message
+
+
+def test_each_weight_state_says_what_it_is(tiny, tmp_path):
+    perturb(tiny)
+    torch.save(to_authors_format(tiny), tmp_path / "authors.pth.tar")
+    everything = list(tiny.state_dict())  # a random backbone is not rebuilt identically: keep all of it
+    save_sam3d(tiny, str(tmp_path / "ours.pt"), "tiny", everything)
+    save_sam3d(tiny, str(tmp_path / "demo.pt"), "tiny", everything, meta={"demo": True})
+    states = {
+        "authors": build_sam3d(checkpoint=str(tmp_path / "authors.pth.tar")).weights_info,
+        "trained": build_sam3d(checkpoint=str(tmp_path / "ours.pt")).weights_info,
+        "demo": build_sam3d(checkpoint=str(tmp_path / "demo.pt")).weights_info,
+        "untrained": build_sam3d(backbone="tiny").weights_info,
+    }
+    for state, info in states.items():
+        assert info["state"] == state
+    assert states["authors"]["warning"] is None and states["trained"]["warning"] is None
+    assert "DEMO WEIGHTS" in states["demo"]["warning"] and "--conf checkpoint" in states["demo"]["warning"]
+    untrained = states["untrained"]["warning"]
+    assert "UNTRAINED" in untrained and "backbone is random" in untrained and "POST /train/sam3d" in untrained

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import nibabel as nib
+import numpy as np
 
 from conftest import ROOT
 
@@ -19,16 +20,21 @@ def readme_blocks(language):
     return re.findall(rf"```{language}\n(.*?)```", rest[: rest.index("\n## ")], re.S)
 
 
-def test_the_curl_example_returns_a_mask_of_the_image(server, tmp_path):
-    url, studies, _ = server
+def test_the_curl_example_segments_the_demo_lesion_on_a_fresh_start(demo_server, tmp_path):
+    """A new user's first minutes: the server as started with no options, the README's click on demo_ct_01."""
+    url, studies, _ = demo_server
     (block,) = [b for b in readme_blocks("bash") if "curl" in b]
     subprocess.run(["bash", "-euc", block.replace(README_URL, url)], cwd=tmp_path, check=True, timeout=300)
     mask, image = nib.load(tmp_path / "mask.nii.gz"), nib.load(os.path.join(studies, "demo_ct_01.nii.gz"))
-    assert mask.shape == image.shape and mask.get_fdata().max() <= 1
+    assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
+    truth = nib.load(os.path.join(studies, "labels", "final", "demo_ct_01.nii.gz")).get_fdata() > 0
+    predicted = mask.get_fdata() > 0
+    dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
+    assert dice >= 0.7, dice
 
 
-def test_the_python_example_runs_and_reuses_the_encoding(server, tmp_path):
-    url, _, _ = server
+def test_the_python_example_runs_and_reuses_the_encoding(demo_server, tmp_path):
+    url, _, _ = demo_server
     (block,) = readme_blocks("python")
     out = subprocess.run([sys.executable, "-c", block.replace(README_URL, url)], cwd=tmp_path, check=True,
                          capture_output=True, text=True, timeout=300).stdout

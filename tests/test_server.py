@@ -54,6 +54,8 @@ def test_lesion_clicks_are_inside_lesions(demo_studies):
 
 
 def test_info_lists_a_3d_deepgrow_model_with_its_weights(client, tiny_checkpoint):
+    from lib.configs.sam3d import cpu_has_bfloat16
+
     info = client.info()
     model = info["models"]["sam3d"]
     assert model["type"] == "deepgrow" and model["dimension"] == 3 and model["labels"] == ["tumor"]
@@ -63,7 +65,8 @@ def test_info_lists_a_3d_deepgrow_model_with_its_weights(client, tiny_checkpoint
     assert weights["sam_backbone"].startswith("random initialisation")
     assert weights["adapters"] == f"{tiny_checkpoint[0]} (sam3d format)"
     assert info["datastore"]["total"] == 3
-    assert model["precision"] == "float32"
+    # precision auto: bfloat16 on CPUs with bf16 units (docs/benchmarks.md), float32 on others
+    assert model["precision"] == ("bfloat16" if cpu_has_bfloat16() else "float32")
 
 
 def test_the_model_warms_up_at_start_in_the_background(client):

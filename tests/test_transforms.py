@@ -173,9 +173,9 @@ def test_a_refinement_click_keeps_the_crop_it_falls_in():
     shape = (300, 300, 300)
     first = plan_crops(np.array([[100, 100, 100]]), np.zeros((0, 3), int), shape, 128)[0]
     assert first.start == (36, 36, 36)
-    refined = plan_crops(np.array([[100, 100, 100], [110, 95, 120]]), np.zeros((0, 3), int), shape, 128, [first.start])
+    refined = plan_crops(np.array([[100, 100, 100], [110, 95, 120]]), np.zeros((0, 3), int), shape, 128)
     assert refined[0].start == first.start  # not re-centred: the cached encoding stays valid
-    far = plan_crops(np.array([[100, 100, 100], [150, 100, 100]]), np.zeros((0, 3), int), shape, 128, [first.start])
+    far = plan_crops(np.array([[100, 100, 100], [150, 100, 100]]), np.zeros((0, 3), int), shape, 128)
     assert far[0].start != first.start  # 150 lies within an eighth of a crop of the face at 164: re-centre
 
 

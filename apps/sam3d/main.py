@@ -8,6 +8,7 @@ import tempfile
 import types
 from typing import Dict
 
+import torch
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -25,6 +26,7 @@ from lib.activelearning.uncertain import Uncertain
 from lib.configs.sam3d import Sam3DTaskConfig
 from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import DICOMwebStudies, bounded_client
+from lib.settings import Settings
 from lib.transforms.clicks import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -44,16 +46,6 @@ def verify_tokens_with_pyjwt2() -> None:
         auth.jwt = types.SimpleNamespace(decode=functools.partial(jwt.decode, algorithms=TOKEN_ALGORITHMS))
 
 
-def positive_number(text: str, name: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        number = float("nan")
-    if not 0 < number < float("inf"):
-        raise ValueError(f"--conf {name} {text!r}: give a number above 0")
-    return number
-
-
 def limit_request_bodies(max_bytes: int) -> None:
     """MONAI Label copies every upload (an image to segment, a label to save) to disk without a size limit, so
     one client could fill the disk. FastAPI answers 413 to bodies over ``max_body_size``; MONAI Label creates its
@@ -68,11 +60,14 @@ def limit_request_bodies(max_bytes: int) -> None:
 class Sam3DApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         verify_tokens_with_pyjwt2()
-        self.dicomweb_timeout = positive_number(conf.get("dicomweb_timeout", "60"), "dicomweb_timeout")
-        self.max_upload_bytes = int(positive_number(conf.get("max_upload_mb", "2048"), "max_upload_mb") * 2**20)
+        try:
+            self.settings = Settings.from_conf(conf, torch.cuda.is_available())
+        except ValueError as e:
+            logger.error(f"sam3d cannot start: {e}")
+            raise
         self.model_dir = os.path.join(app_dir, "model")
         self.task = Sam3DTaskConfig()
-        self.task.init("sam3d", self.model_dir, conf, None)
+        self.task.init("sam3d", self.model_dir, conf, None, settings=self.settings)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -98,7 +93,7 @@ class Sam3DApp(MONAILabelApp):
         self._download_dcmqi_tools()  # finds the dcmqi wheel's tool on PATH; downloads it only when missing
         client = bounded_client(
             self.studies,
-            self.dicomweb_timeout,
+            self.settings.dicomweb_timeout,
             settings.MONAI_LABEL_DICOMWEB_USERNAME,
             settings.MONAI_LABEL_DICOMWEB_PASSWORD,
             qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
@@ -108,7 +103,7 @@ class Sam3DApp(MONAILabelApp):
         cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
         return DICOMwebStudies(
             client,
-            timeout=self.dicomweb_timeout,
+            timeout=self.settings.dicomweb_timeout,
             search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
             cache_path=cache_path or None,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
@@ -131,7 +126,7 @@ class Sam3DApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         # Only the server calls this (not MONAI Label's training subprocess), so only it warms up and serves.
-        limit_request_bodies(self.max_upload_bytes)
+        limit_request_bodies(self.settings.max_upload_bytes)
         if self.task.warmup:
             self._infers[self.task.name].start_warm_up()
 

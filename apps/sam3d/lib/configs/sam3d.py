@@ -1,5 +1,6 @@
-"""The TaskConfig that wires the 3DSAM-adapter's weights, infer task (and later trainer) from the app's conf."""
+"""The TaskConfig that wires the 3DSAM-adapter's weights, infer task and trainer from the app's settings."""
 
+import hashlib
 import logging
 import os
 import uuid
@@ -11,9 +12,10 @@ from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.sam3d_infer import Sam3DInfer
 from lib.trainers.sam3d_trainer import Sam3DTrainer
-from lib.model import CONFIGS
-from lib.model.build import ModelSource
-from lib.transforms.presets import PRESETS
+from lib.demo import demo_weights
+from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
+from lib.model.build import ModelSource, resolve_backbone, served_file
+from lib.settings import DEMO, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,32 @@ SAM_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
 }
 PUBLISHED_MODEL = "sam3d.pt"  # our checkpoint in the model folder, used when conf names none
+
+
+def file_md5(path: str) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_sam(url: str, path: str) -> None:
+    """Fetch into a temporary file beside ``path`` and rename it into place once whole: an interrupted download
+    never becomes the model. SAM's file names end in the first six hex digits of the file's MD5, checked too."""
+    expected = os.path.splitext(os.path.basename(url))[0].rsplit("_", 1)[-1]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # A name that does not exist yet: MONAI's download_url skips a download whose destination exists.
+    partial = os.path.join(folder, f"{PARTIAL_PREFIX}{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    try:
+        download_url(url, partial, progress=False)
+        if not file_md5(partial).startswith(expected):
+            raise ValueError(f"the file from {url} is damaged (its MD5 does not start with {expected})")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def sam_checkpoint_path(setting: str, backbone: str, model_dir: str) -> Optional[str]:
@@ -36,8 +64,7 @@ def sam_checkpoint_path(setting: str, backbone: str, model_dir: str) -> Optional
     path = os.path.join(model_dir, os.path.basename(url))
     if not os.path.exists(path):
         try:
-            os.makedirs(model_dir, exist_ok=True)
-            download_url(url, path, progress=False)
+            download_sam(url, path)
         except Exception as e:  # offline or blocked: the app still starts, with a random backbone
             logger.warning(
                 f"Could not download the SAM {backbone} checkpoint from {url} ({type(e).__name__}: {e}). "
@@ -48,48 +75,56 @@ def sam_checkpoint_path(setting: str, backbone: str, model_dir: str) -> Optional
     return path
 
 
+# bfloat16 on CPUs with bf16 units: see docs/benchmarks.md for the speed and the masks it gives.
+AUTO_BFLOAT16_ON_CPU = True
+
+
+def cpu_has_bfloat16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def model_source(settings: Settings, model_dir: str) -> ModelSource:
+    """Where the model comes from. The backbone is decided once, from the file that will be served, and the SAM
+    file is chosen for that backbone (a vit_l checkpoint gets SAM's vit_l weights without --conf backbone)."""
+    checkpoint = demo_weights(model_dir) if settings.checkpoint == DEMO else settings.checkpoint
+    published = os.path.join(model_dir, PUBLISHED_MODEL)
+    backbone = resolve_backbone(served_file(published, checkpoint), settings.backbone)
+    bfloat16 = settings.precision == "bfloat16" or (
+        settings.precision == "auto" and (settings.on_gpu or AUTO_BFLOAT16_ON_CPU and cpu_has_bfloat16())
+    )
+    return ModelSource(
+        published=published,
+        checkpoint=checkpoint,
+        backbone=backbone,
+        sam_checkpoint=sam_checkpoint_path(settings.sam_checkpoint, backbone, model_dir),
+        bfloat16=bfloat16,
+        device=settings.device,
+    )
+
+
 class Sam3DTaskConfig(TaskConfig):
-    """conf options: backbone (vit_b | vit_l | vit_h | tiny), checkpoint (the authors' or ours), sam_checkpoint
-    (download | none | path), preset, labels (comma-separated), device (cpu | cuda), precision (auto | float32 |
-    bfloat16; auto is bfloat16 on a GPU), compile (auto | true | false; auto compiles the encoder on a GPU), warmup (true | false), cache_mb (crop encodings), volume_cache_mb
-    (pre-processed images)."""
+    """Builds the model, the infer task and the trainer from the app's settings (``lib/settings.py``)."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.labels = [label.strip() for label in conf.get("labels", "tumor").split(",") if label.strip()]
-        self.preset = conf.get("preset", "kits")
-        if self.preset not in PRESETS:
-            raise ValueError(f"conf preset {self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        backbone = conf.get("backbone")
-        if backbone is not None and backbone not in CONFIGS:
-            raise ValueError(f"conf backbone {backbone!r} is unknown; choose one of {sorted(CONFIGS)}")
-        precision = conf.get("precision", "auto")
-        if precision not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"conf precision {precision!r} is unknown; choose auto, float32 or bfloat16")
-        device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.source = ModelSource(
-            published=os.path.join(model_dir, PUBLISHED_MODEL),
-            checkpoint=conf.get("checkpoint"),
-            backbone=backbone,
-            sam_checkpoint=sam_checkpoint_path(conf.get("sam_checkpoint", "download"), backbone or "vit_b", model_dir),
-            bfloat16=precision == "bfloat16" or (precision == "auto" and device.startswith("cuda")),
-            device=device,
-        )
-        compile_setting = conf.get("compile", "auto").lower()
-        if compile_setting not in ("auto", "true", "false"):
-            raise ValueError(f"conf compile {compile_setting!r} is unknown; choose auto, true or false")
-        # torch.compile of the encoder: 71 -> 39 ms per first click on an H100 (docs/benchmarks.md), at 15-40 s
-        # of compilation during warm-up; on CPUs it did not pay.
-        self.compile = compile_setting == "true" or (compile_setting == "auto" and device.startswith("cuda"))
-        self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
-        self.volume_cache_bytes = int(float(conf.get("volume_cache_mb", 1024)) * 2**20)
-        self.warmup = conf.get("warmup", "true").lower() in ("true", "1", "yes")
+        settings = kwargs.get("settings") or Settings.from_conf(conf, torch.cuda.is_available())
+        self.labels = list(settings.labels)
+        self.preset = settings.preset
+        self.source = model_source(settings, model_dir)
+        # torch.compile of the encoder pays on a GPU, not on CPUs (docs/benchmarks.md).
+        self.compile = settings.compile == "true" or (settings.compile == "auto" and settings.on_gpu)
+        self.cache_bytes = settings.cache_bytes
+        self.volume_cache_bytes = settings.volume_cache_bytes
+        self.warmup = settings.warmup
         self.network = self.build_model()
 
     def build_model(self):
-        """The model in use: the last published training result if any, else the conf checkpoint."""
+        """The model in use: the last published training result if it was trained from the checkpoint asked
+        for, else that checkpoint."""
         model = self.source.build()
         self.path = model.weights_info["checkpoint"]
+        if model.weights_info["warning"]:
+            logger.warning(f"sam3d: {model.weights_info['warning']}")
         if self.compile:
             model.image_encoder.compile()  # in place: the module and its state_dict keys stay as they are
         return model

@@ -65,7 +65,6 @@ class Sam3DInfer(BasicInferTask):
         self.device = device
         self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
         self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
-        self.crop_history = BoundedCache(1024, lambda starts: 1)  # image version -> its last 16 crops, 1024 images
         self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
         self.warmed_up = threading.Event()
         # A model that training publishes later replaces this one at the next click (see reload_if_published).
@@ -111,8 +110,12 @@ class Sam3DInfer(BasicInferTask):
         logger.info(f"sam3d: now serving {self.published_path}")
 
     def info(self) -> Dict[str, Any]:
+        info = super().info()
+        warning = self.model.weights_info.get("warning")
+        if warning:  # what Slicer and OHIF show beside the model's name
+            info["description"] = f"{warning} ({info['description']})"
         return {
-            **super().info(),
+            **info,
             "weights": self.model.weights_info,
             "precision": "bfloat16" if self.model.bfloat16 else "float32",
             "warmed_up": self.warmed_up.is_set(),
@@ -161,10 +164,7 @@ class Sam3DInfer(BasicInferTask):
         image: MetaTensor = data["image"]
         volume = image[0].as_tensor().float()
         clicks = data["clicks"]
-        history = self.crop_history.get(data["image_cache_key"]) or []
-        crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size, history)
-        used = [crop.start for crop in crops]
-        self.crop_history.put(data["image_cache_key"], ([s for s in history if s not in used] + used)[-16:])
+        crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size)
         preset = self.preset_name(data)
 
         prob = torch.zeros(volume.shape)
@@ -193,5 +193,7 @@ class Sam3DInfer(BasicInferTask):
             "model_seconds": round(time.time() - start, 4),
             "uncertainty": round(mask_uncertainty(prob), 6),
         }
+        if self.model.weights_info.get("warning"):
+            data["result"]["warning"] = self.model.weights_info["warning"]
         logger.info(f"sam3d: {len(crops)} crop(s), {encoder_runs} encoded, {len(crops) - encoder_runs} from cache")
         return data

@@ -101,6 +101,32 @@ def backbone_of_authors_checkpoint(obj: dict) -> str:
     raise CheckpointError(f"the authors' checkpoint has embedding width {width}, which matches no backbone")
 
 
+def checkpoint_backbone(obj: Optional[dict]) -> Optional[str]:
+    """The backbone a checkpoint was made for (None: a SAM file or no checkpoint, which fit any of their size)."""
+    kind = detect_format(obj) if obj is not None else None
+    if kind == "authors":
+        return backbone_of_authors_checkpoint(obj)
+    if kind == "sam3d":
+        return obj.get("backbone")
+    return None
+
+
+def resolve_backbone(checkpoint: Optional[str], backbone: Optional[str]) -> str:
+    """The one answer to "which backbone": the checkpoint's when it names one (a conflicting request is an
+    error), else the requested one, else vit_b. Reads the checkpoint memory-mapped where torch can."""
+    obj = read_checkpoint(checkpoint, mmap=True) if checkpoint else None
+    return choose_backbone(checkpoint, checkpoint_backbone(obj), backbone)
+
+
+def choose_backbone(checkpoint: Optional[str], from_checkpoint: Optional[str], requested: Optional[str]) -> str:
+    if requested and from_checkpoint and requested != from_checkpoint:
+        raise CheckpointError(f"{checkpoint} is a {from_checkpoint} checkpoint, but backbone {requested} was asked for")
+    backbone = requested or from_checkpoint or "vit_b"
+    if backbone not in CONFIGS:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(CONFIGS)}")
+    return backbone
+
+
 def build_sam3d(
     checkpoint: Optional[str] = None,
     backbone: Optional[str] = None,
@@ -115,13 +141,7 @@ def build_sam3d(
     """
     obj = read_checkpoint(checkpoint) if checkpoint else None
     kind = detect_format(obj) if obj is not None else None
-    implied = {"authors": lambda: backbone_of_authors_checkpoint(obj), "sam3d": lambda: obj.get("backbone")}
-    from_checkpoint = implied[kind]() if kind in implied else None
-    if backbone and from_checkpoint and backbone != from_checkpoint:
-        raise CheckpointError(f"{checkpoint} is a {from_checkpoint} checkpoint, but backbone {backbone} was asked for")
-    backbone = backbone or from_checkpoint or "vit_b"
-    if backbone not in CONFIGS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(CONFIGS)}")
+    backbone = choose_backbone(checkpoint, checkpoint_backbone(obj), backbone)
 
     model = create_model(CONFIGS[backbone])
     reports = []
@@ -133,46 +153,92 @@ def build_sam3d(
             reports.append(load_sam(model, obj if kind == "sam" else read_checkpoint(sam_path), sam_path))
         if kind == "sam3d":
             reports.append(load_sam3d(model, obj, checkpoint))
-    model.weights_info = describe_weights(backbone, kind, checkpoint, sam_checkpoint, reports)
+    meta = obj.get("meta", {}) if kind == "sam3d" else {}
+    model.weights_info = describe_weights(backbone, kind, checkpoint, sam_checkpoint, reports, meta)
 
     trainable, total = freeze_backbone(model)
     logger.info(f"sam3d {backbone}: {trainable:,} trainable of {total:,} parameters")
     return model.eval()
 
 
+# What a client shows a user about the weights in each state (the model's description, a result's warning).
+UNTRAINED_HELP = (
+    "pass trained weights with --conf checkpoint (the authors' checkpoint for the preset, e.g. kits.pth.tar, "
+    "or a sam3d.pt published by training) or train on saved labels (POST /train/sam3d)"
+)
+
+
 def describe_weights(
-    backbone: str, kind: Optional[str], checkpoint: Optional[str], sam_checkpoint: Optional[str], reports: Sequence[LoadReport]
+    backbone: str,
+    kind: Optional[str],
+    checkpoint: Optional[str],
+    sam_checkpoint: Optional[str],
+    reports: Sequence[LoadReport],
+    meta: dict,
 ) -> dict:
-    """Where the weights came from, as /info/ shows it."""
+    """Where the weights came from, as /info/ shows it: ``state`` is authors | trained | demo | untrained, and
+    ``warning`` (None when the weights are fit to use) is what every surface says about them."""
+    sam_path = checkpoint if kind == "sam" else sam_checkpoint
     if kind == "authors":
         sam, adapters = f"{checkpoint} (the authors' checkpoint holds the whole encoder)", f"{checkpoint} (authors' format)"
     else:
-        sam_path = checkpoint if kind == "sam" else sam_checkpoint
         sam = sam_path or "random initialisation (no SAM checkpoint)"
         adapters = f"{checkpoint} (sam3d format)" if kind == "sam3d" else "untrained (initialisation)"
+    pretrained_backbone = kind == "authors" or bool(sam_path)
+    if kind == "authors":
+        state, warning = "authors", None
+    elif kind == "sam3d" and meta.get("demo"):
+        state = "demo"
+        warning = (
+            "DEMO WEIGHTS: a tiny model trained on generated phantoms, made to show the demo studies; its masks on "
+            f"real scans mean nothing. To segment patients, {UNTRAINED_HELP}."
+        )
+    elif kind == "sam3d":
+        state, warning = "trained", None
+        if any(r.warnings for r in reports):
+            warning = "these adapters were trained over another backbone than the one loaded: check --conf sam_checkpoint"
+    else:
+        state = "untrained"
+        backbone_text = "" if pretrained_backbone else " and the image backbone is random (no SAM checkpoint)"
+        warning = f"UNTRAINED: no trained weights are loaded{backbone_text}, so masks mean nothing. To fix it, {UNTRAINED_HELP}."
     return {
+        "state": state,
+        "warning": warning,
         "backbone": backbone,
+        "pretrained_backbone": pretrained_backbone,
         "checkpoint": checkpoint,
         "sam_backbone": sam,
         "adapters": adapters,
         "loads": [r.summary() for r in reports],
+        "meta": {k: v for k, v in meta.items() if k != "backbone_sha256"},
         "config": asdict(CONFIGS[backbone]),
     }
+
+
+def served_file(published: str, checkpoint: Optional[str]) -> Optional[str]:
+    """The published model when training made it from ``checkpoint``, else the checkpoint: a model fine-tuned
+    from other weights (say the demo's) never stands in for a checkpoint asked for."""
+    if not os.path.exists(published):
+        return checkpoint
+    base = read_checkpoint(published, mmap=True).get("meta", {}).get("base", checkpoint)  # unreadable: raises
+    if base != checkpoint:
+        logger.warning(f"sam3d: not serving {published}: it was trained from {base}, not from {checkpoint}")
+        return checkpoint
+    return published
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """Where the model in use comes from, as plain values (training processes on other GPUs rebuild it)."""
 
-    published: str  # our last training result; used when it exists
-    checkpoint: Optional[str]  # otherwise this (the conf's)
-    backbone: Optional[str]
+    published: str  # our last training result; used when it exists and was trained from ``checkpoint``
+    checkpoint: Optional[str]  # otherwise this (the conf's, with the demo resolved to its file)
+    backbone: str  # resolved once (resolve_backbone) from the file served
     sam_checkpoint: Optional[str]
     bfloat16: bool
     device: str
 
     def build(self, device: Optional[str] = None) -> Sam3D:
-        path = self.published if os.path.exists(self.published) else self.checkpoint
-        model = build_sam3d(checkpoint=path, backbone=self.backbone, sam_checkpoint=self.sam_checkpoint)
+        model = build_sam3d(checkpoint=served_file(self.published, self.checkpoint), backbone=self.backbone, sam_checkpoint=self.sam_checkpoint)
         model.bfloat16 = self.bfloat16
         return model.to(device or self.device)

@@ -10,9 +10,11 @@ import hashlib
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,13 +50,41 @@ class LoadReport:
         )
 
 
-def read_checkpoint(path: str) -> dict:
+# What the authors' checkpoints hold besides tensors: their train.py saves ``best_val_loss`` as a numpy float64,
+# which pickles as numpy's scalar constructor with a dtype. Allowed by name (numpy 1 and numpy 2 spell the module
+# differently); these only rebuild numbers, so no code from a file runs.
+NUMPY_SCALAR_GLOBALS = [
+    (np.core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (np.core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+    np.dtype,
+    *dict.fromkeys(type(np.dtype(code)) for code in "?bhilqBHILQefdg"),  # numpy.dtypes.Float64DType and kin (numpy >= 1.25)
+]
+
+
+def load_failure_reason(error: Exception) -> str:
+    """The line of torch's message that says what is wrong (a weights-only refusal explains at length first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refused = next((line for line in lines if "Unsupported global" in line), None)
+    if refused:  # "...Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default. ..."
+        return refused[refused.index("Unsupported global") :].split(". ")[0] + " (sam3d never runs code from a file)"
+    return lines[0] if lines else "no detail"
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> dict:
+    """A checkpoint dictionary, read with torch's weights-only unpickler (plus numpy scalars). ``mmap``: map
+    the tensors of a zip-format file instead of reading them (a cheap look at its metadata)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # torch raises pickle, zip and runtime errors alike for a bad file
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {load_failure_reason(e)}). "
+            "sam3d reads the authors' files (e.g. kits.pth.tar from their OneDrive folder), its own (model/sam3d.pt) and "
+            "segment-anything's (sam_vit_b_01ec64.pth); check that the file was downloaded whole, or pass another with "
+            "--conf checkpoint"
+        ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     return obj

@@ -32,7 +32,7 @@ FIRST_BACKGROUND_PROBABILITY = 0.3
 def select_trainable(model: Sam3D) -> None:
     """Over a pretrained SAM backbone, the paper's parameter-efficient parts; over a random one, everything
     (freezing random weights only cripples the model: the tiny configuration then stays at a Dice of 0.04)."""
-    if model.weights_info["sam_backbone"].startswith("random"):
+    if not model.weights_info["pretrained_backbone"]:
         for p in model.parameters():
             p.requires_grad = True
     else:

@@ -16,6 +16,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.files import atomic_write
 from lib.model import save_sam3d
 from lib.model.build import ModelSource
+from lib.settings import parse_bool, parse_number
 from lib.transforms.clicks import InvalidRequest
 from lib.transforms.presets import PRESETS
 
@@ -94,7 +95,8 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
         "published": job.publish_path,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    save_sam3d(model, job.publish_path, job.backbone, trained, meta={"preset": job.preset, **stats})
+    meta = {"preset": job.preset, "base": job.source.checkpoint, **stats}
+    save_sam3d(model, job.publish_path, job.backbone, trained, meta=meta)
     atomic_write(job.stats_path, lambda f: json.dump(stats, f, indent=2), mode="w")
     os.remove(job.state_path)  # published: the next run starts from the published weights
     logger.info(f"sam3d training done: {stats}")
@@ -126,23 +128,14 @@ def training_options(defaults: Dict[str, Any], request: Dict[str, Any]) -> Dict[
 
 
 def option_value(name: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):  # clients send booleans or their text
-        if str(value).lower() in ("true", "1", "false", "0"):
-            return str(value).lower() in ("true", "1")
-        raise InvalidRequest(f"training option {name}: {value!r} is not true or false")
+    what = f"training option {name}"
     try:
-        number = float(value)
-        if isinstance(default, int):
-            if isinstance(value, bool) or number != int(number):
-                raise ValueError
-            number = int(number)
-    except (TypeError, ValueError, OverflowError):
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise InvalidRequest(f"training option {name}: {value!r} is not {kind}") from None
-    lowest, highest = OPTION_RANGES[name]
-    if not lowest <= number <= highest:  # NaN fails too
-        raise InvalidRequest(f"training option {name}: {value!r} is outside [{lowest:g}, {highest:g}]")
-    return number
+        if isinstance(default, bool):  # clients send booleans or their text
+            return parse_bool(value, what)
+        lowest, highest = OPTION_RANGES[name]
+        return parse_number(value, what, lowest, highest, integer=isinstance(default, int))
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 class Sam3DTrainer(TrainTask):

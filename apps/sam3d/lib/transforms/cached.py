@@ -11,7 +11,7 @@ class CachedPreprocessd(MapTransform):
 
     ``cache`` has get(key) and put(key, value); ``cache_key(path)`` names a file version. The cached image is
     shared between requests, so nothing downstream may change it in place. ``data[f"{key}_from_cache"]`` says
-    whether it came from the cache, ``data[f"{key}_cache_key"]`` names the file version and preset."""
+    whether it came from the cache."""
 
     def __init__(self, keys: KeysCollection, transforms: Sequence[Callable], cache, cache_key: Callable[[str], str]):
         super().__init__(keys)
@@ -25,7 +25,6 @@ class CachedPreprocessd(MapTransform):
         name = self.cache_key(d[key])
         image = self.cache.get(name)
         d[f"{key}_from_cache"] = image is not None
-        d[f"{key}_cache_key"] = name
         if image is None:
             loaded = {key: d[key]}
             for transform in self.transforms:  # not Compose: it would wrap the 4xx errors that transforms raise

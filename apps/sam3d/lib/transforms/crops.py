@@ -31,14 +31,14 @@ def plan_crops(
     background: np.ndarray,
     shape: Sequence[int],
     size: int,
-    reusable: Sequence[Tuple[int, int, int]] = (),
 ) -> List[Crop]:
     """Group foreground clicks whose bounding box spans at most half a crop, so each keeps context around it.
 
-    A group whose clicks all lie inside a ``reusable`` crop (an earlier crop of this image), at least an eighth
-    of a crop from its faces, keeps that crop, and with it the cached encoding: a refinement click should not
-    move the crop. Otherwise the crop is centred on the group. Background clicks go to every crop that contains
-    them; one outside all crops cannot remove anything.
+    A pure function of the request (users on one image never move each other's crops). A group's crop is
+    centred on its first click while every click of the group lies at least an eighth of a crop from its faces:
+    clients send earlier clicks first, so a refinement click keeps the crop, and with it the cached encoding.
+    Otherwise the crop is centred on the group. Background clicks go to every crop that contains them; one outside
+    all crops cannot remove anything.
     """
     groups: List[List[np.ndarray]] = []
     for point in foreground:
@@ -54,8 +54,9 @@ def plan_crops(
     crops = []
     for group in groups:
         members = np.stack(group)
-        fits = [s for s in reusable if ((members >= np.add(s, margin)) & (members < np.add(s, size - margin))).all()]
-        start = np.asarray(fits[0] if fits else crop_start((members.max(0) + members.min(0)) // 2, shape, size))
+        start = np.asarray(crop_start(members[0], shape, size))
+        if not ((members >= start + margin) & (members < start + size - margin)).all():
+            start = np.asarray(crop_start((members.max(0) + members.min(0)) // 2, shape, size))
         inside = np.all((background >= start) & (background < start + size), axis=1)
         crops.append(Crop(tuple(int(s) for s in start), size, members - start, background[inside] - start))
     return crops
