@@ -96,7 +96,7 @@ def ours(args, checkpoint: Optional[str], bfloat16: bool, checkpointing: bool, c
     # One foreground click, hence one decoder pass as in the reference's step: no background click (a second
     # pass) and no correction clicks; the same seed every step, so that every repeat and variant does the same work.
     return lambda: fit.train_step(
-        model, crop, label, optimizer, np.random.default_rng(0), max_corrections=0, background_probability=0.0
+        model, crop, label, optimizer, np.random.default_rng(0), max_rounds=0, background_probability=0.0
     )
 
 

@@ -15,6 +15,7 @@ from lib.model.image_encoder import (
     window_partition,
 )
 from lib.model.prompt_encoder import PromptEncoder3d
+from lib.model.checkpoints import SAM3D_ONLY
 from lib.model.sam3d import exclude_background
 
 TINY = CONFIGS["tiny"]
@@ -26,11 +27,13 @@ def tiny():
     return create_model(TINY).eval()
 
 
-def perturb(model, scale=0.05):
-    """Move every parameter off its initial value so that a wrong mapping cannot hide behind zeros or ones."""
+def perturb(model, scale=0.05, sam3d_prompts=False):
+    """Move every parameter off its initial value so that a wrong mapping cannot hide behind zeros or ones.
+    sam3d's own prompts (absent from the authors' model, zero until trained) stay unless ``sam3d_prompts``."""
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
+        for name, p in model.named_parameters():
+            if sam3d_prompts or not name.startswith(SAM3D_ONLY):
+                p.add_(scale * torch.randn_like(p))
     return model
 
 
@@ -138,12 +141,14 @@ def test_fused_window_attention_equals_the_explicit_attention(shift):
     assert torch.allclose(fused, explicit, atol=1e-4), (fused - explicit).abs().max()
 
 
-def test_background_never_adds_foreground():
+def test_background_never_adds_foreground_and_removes_only_on_its_side():
     fg, bg = torch.randn(1000), torch.randn(1000)  # log-odds
-    combined = exclude_background(fg, bg)
+    nearer_background = torch.rand(1000) < 0.5
+    combined = exclude_background(fg, bg, nearer_background)
     assert (combined <= fg).all()
-    assert torch.equal(combined[bg <= fg], fg[bg <= fg])
-    assert (combined[(bg > 0) & (bg > fg)] < 0).all()
+    kept = (bg <= fg) | ~nearer_background
+    assert torch.equal(combined[kept], fg[kept])
+    assert (combined[(bg > 0) & (bg > fg) & nearer_background] < 0).all()
 
 
 def test_background_clicks_only_remove(tiny):
@@ -155,6 +160,61 @@ def test_background_clicks_only_remove(tiny):
     assert (both <= fg_only).all()
     nothing = tiny.foreground_probability(encoding, torch.tensor([[25, 5, 20]]), torch.tensor([0]))
     assert (nothing == 0).all()
+
+
+def test_the_background_rule_never_removes_what_is_nearer_the_foreground_click(tiny):
+    """A background click on a leak that the model takes for the lesion itself (both answers the same object)
+    removes the leak's side only: voxels nearer the foreground click stay as the foreground answer had them."""
+    perturb(tiny, 0.2)
+    encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
+    points, labels = torch.tensor([[8, 16, 16], [24, 16, 16]]), torch.tensor([1, 0])
+    fg_only = tiny.click_logits(encoding, points[:1], labels[:1])
+    both = tiny.click_logits(encoding, points, labels)
+    assert torch.equal(both[:16], fg_only[:16])  # d < 16: nearer the foreground click at d = 8
+
+
+def test_sam3d_prompts_start_at_zero_so_an_authors_model_answers_as_theirs():
+    torch.manual_seed(0)
+    model = create_model(TINY).eval()
+    encoding = model.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
+    points = torch.tensor([[5, 9, 30], [20, 20, 3]])
+    plain = model.click_logits(encoding, points, torch.tensor([1, 1]))
+    with_previous = model.click_logits(encoding, points, torch.tensor([1, 1]), previous=torch.randn((TINY.crop_size,) * 3))
+    assert torch.equal(plain, with_previous)
+
+
+class CountingMemo(dict):
+    def __init__(self):
+        super().__init__()
+        self.computed = 0
+
+    def get(self, points, labels):
+        return super().get((str(points.tolist()), str(labels.tolist())))
+
+    def put(self, points, labels, logits):
+        self.computed += 1
+        self[(str(points.tolist()), str(labels.tolist()))] = logits
+
+
+def test_corrections_replay_in_an_order_the_request_decides_and_reuse_earlier_rounds(tiny):
+    perturb(tiny, 0.2, sam3d_prompts=True)
+    tiny.correction_trained = True
+    encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
+    points, labels = torch.tensor([[8, 16, 16], [24, 16, 16], [12, 10, 20]]), torch.tensor([1, 0, 1])
+    fresh = tiny.correction_logits(encoding, points, labels)
+    # by hand: foreground clicks first (in order sent), then background; each round sees the previous one
+    order = [0, 2, 1]
+    previous = None
+    for rounds in range(1, 4):
+        chosen = order[:rounds]
+        previous = tiny.click_logits(encoding, points[chosen], labels[chosen], previous)
+    assert torch.equal(fresh, previous)
+
+    memo = CountingMemo()
+    assert torch.equal(tiny.correction_logits(encoding, points[:2], labels[:2], memo), tiny.correction_logits(encoding, points[:2], labels[:2]))
+    assert memo.computed == 2
+    assert torch.equal(tiny.correction_logits(encoding, points, labels, memo), fresh)  # with the memo: same answer
+    assert memo.computed == 4  # round (fg0) was reused; (fg0, fg2) and (fg0, fg2, bg1) were new
 
 
 def test_cached_refinement_equals_full_recompute(tiny):
@@ -224,6 +284,8 @@ def to_authors_format(model) -> dict:
 
     encoder, prompt, decoder = {}, {}, {}
     for name, tensor in model.state_dict().items():
+        if name.startswith(SAM3D_ONLY):
+            continue  # sam3d's own prompts: their model has none
         part, _, rest = name.partition(".")
         if part == "image_encoder":
             rest = rest.replace("patch_embed.slice_embed.", "slice_embed.").replace("necks.", "neck_3d.")
@@ -250,7 +312,8 @@ def test_authors_format_round_trips(tiny, tmp_path):
     torch.save(to_authors_format(tiny), path)
     loaded = build_sam3d(checkpoint=str(path), backbone="tiny")
     for key, tensor in tiny.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], tensor), key
+        if not key.startswith(SAM3D_ONLY):  # theirs has none: left at initialisation (their output is unchanged)
+            assert torch.equal(loaded.state_dict()[key], tensor), key
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     points = torch.tensor([[5, 9, 30]])
     assert torch.equal(loaded.predict_crop(crop, points), tiny.predict_crop(crop, points))
@@ -358,7 +421,8 @@ def test_a_checkpoint_written_as_the_authors_train_py_writes_it_loads(tiny, tmp_
     torch.save(saved_like_the_authors_train_py(tiny), path, _use_new_zipfile_serialization=zip_format)
     loaded = build_sam3d(checkpoint=str(path))  # the backbone comes from the checkpoint
     for key, tensor in tiny.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], tensor), key
+        if not key.startswith(SAM3D_ONLY):  # theirs has none: left at initialisation (their output is unchanged)
+            assert torch.equal(loaded.state_dict()[key], tensor), key
     info = loaded.weights_info
     assert info["state"] == "authors" and info["warning"] is None and info["backbone"] == "tiny"
     assert "training state (optimisers, epoch)" in " ".join(info["loads"])

@@ -1,4 +1,4 @@
-"""Bounded, thread-safe LRU caches: crop encodings and pre-processed volumes (by bytes), crop positions."""
+"""Bounded, thread-safe LRU caches: crop encodings, correction rounds and pre-processed volumes (by bytes)."""
 
 import hashlib
 import os
@@ -68,3 +68,21 @@ class BoundedCache(Generic[Value]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class CropRounds:
+    """The correction rounds of one crop encoding already computed, by their clicks (``Sam3D.correction_logits``'s
+    memo), kept in a cache shared by all crops. A pure memo: a request's answer never depends on what is in it."""
+
+    def __init__(self, cache: BoundedCache, crop: str) -> None:
+        self.cache = cache
+        self.crop = crop
+
+    def key(self, points: torch.Tensor, labels: torch.Tensor) -> str:
+        return f"{self.crop}/{points.tolist()}/{labels.tolist()}"
+
+    def get(self, points: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        return self.cache.get(self.key(points, labels))
+
+    def put(self, points: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        self.cache.put(self.key(points, labels), logits)

@@ -29,7 +29,7 @@ from lib.transforms.crops import extract_crop, paste_max, plan_crops
 from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
 from lib.transforms.resample import ResampleToOriginalGridd
 
-from .cache import BoundedCache, crop_key, file_key, tensor_bytes
+from .cache import BoundedCache, CropRounds, crop_key, file_key, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class Sam3DInfer(BasicInferTask):
         self.device = device
         self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
         self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
+        # Correction rounds (the previous predictions a refinement click builds on), 8 MiB each for a 128^3 crop:
+        # a quarter of the feature cache's budget.
+        self.rounds = BoundedCache(cache_bytes // 4, tensor_bytes)
         self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
         self.warmed_up = threading.Event()
         # A model that training publishes later replaces this one at the next click (see reload_if_published).
@@ -180,7 +183,8 @@ class Sam3DInfer(BasicInferTask):
                     encoder_runs += 1
                 points = torch.as_tensor(np.concatenate([crop.foreground, crop.background])).reshape(-1, 3)
                 labels = torch.cat([torch.ones(len(crop.foreground)), torch.zeros(len(crop.background))]).long()
-                paste_max(prob, self.model.foreground_probability(encoding, points, labels).float().cpu(), crop)
+                rounds = CropRounds(self.rounds, key)
+                paste_max(prob, self.model.foreground_probability(encoding, points, labels, rounds).float().cpu(), crop)
 
         data["pred"] = MetaTensor(prob[None], meta=dict(image.meta))  # the meta holds the model grid's affine
         data["crop_boxes"] = [(crop.start, crop.size) for crop in crops]

@@ -154,6 +154,7 @@ def build_sam3d(
         if kind == "sam3d":
             reports.append(load_sam3d(model, obj, checkpoint))
     meta = obj.get("meta", {}) if kind == "sam3d" else {}
+    model.correction_trained = bool(meta.get("correction_trained"))
     model.weights_info = describe_weights(backbone, kind, checkpoint, sam_checkpoint, reports, meta)
 
     trainable, total = freeze_backbone(model)
@@ -206,6 +207,9 @@ def describe_weights(
         "warning": warning,
         "backbone": backbone,
         "pretrained_backbone": pretrained_backbone,
+        # How clicks are served: correction-trained models see the previous prediction and learned background
+        # clicks; others (the authors') take background clicks through a fixed rule (lib/model/sam3d.py).
+        "correction_trained": bool(meta.get("correction_trained")),
         "checkpoint": checkpoint,
         "sam_backbone": sam,
         "adapters": adapters,

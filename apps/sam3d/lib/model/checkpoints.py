@@ -194,6 +194,8 @@ AUTHORS_DECODER_RULES: Tuple[Rule, ...] = (
     (r"mlahead\.head([2-5])\.(.+)", lambda m: f"mask_decoder.heads.{int(m.group(1)) - 2}.{m.group(2)}"),
     (r"cls\.(.+)", r"mask_decoder.classifier.\1"),
 )
+# sam3d's own prompts (prompt_encoder.py): absent from the authors' files, they stay at their zero start there.
+SAM3D_ONLY = ("prompt_encoder.click_type", "prompt_encoder.mask_memory.")
 AUTHORS_IGNORED_WHY = {
     "attn_mask": "shifted-window mask, recomputed from the configuration",
     "cross_attn_token_to_image": "unused by the authors' forward pass",
@@ -237,7 +239,7 @@ def load_authors(model: nn.Module, obj: dict, source: str) -> LoadReport:
         **map_by_rules(feature_dicts[3], AUTHORS_PROMPT_RULES, "feature_dict[3]", report),
         **map_by_rules(obj["decoder_dict"], AUTHORS_DECODER_RULES, "decoder_dict", report),
     }
-    missing = sorted(set(model.state_dict()) - set(mapped))
+    missing = sorted(k for k in set(model.state_dict()) - set(mapped) if not k.startswith(SAM3D_ONLY))
     if missing:
         raise CheckpointError(f"{source}: the authors' checkpoint lacks {missing[:10]}")
     return apply_state(model, mapped, report)
@@ -283,6 +285,7 @@ def save_sam3d(model: nn.Module, path: str, backbone: str, trainable: Iterable[s
         "meta": {
             "crop_size": model.crop_size,
             "click_types": ["foreground", "background"],
+            "correction_trained": model.correction_trained,
             "backbone_sha256": backbone_checksum(model, trainable),
             **(meta or {}),
         },

@@ -1,11 +1,14 @@
-"""The visual-sampler prompt encoder of the 3DSAM-adapter.
+"""The visual-sampler prompt encoder of the 3DSAM-adapter, with two prompts of sam3d's own.
 
 Clicks become tokens by sampling the image features at their locations (no positional code of their
 own); learned global queries and the click tokens then update the image embedding through two-way
-attention. Axis convention: feature maps ``(B, C, D, H, W)``, clicks ``(d, h, w)`` voxel indices of the crop.
+attention. sam3d adds a click-type embedding (foreground or background) to each click token and the previous
+prediction of the crop as a dense prompt on the image embedding (as SAM's mask prompt); both start at zero, so
+an authors' checkpoint answers exactly as theirs until training has taught them. Axis convention: feature maps
+``(B, C, D, H, W)``, clicks ``(d, h, w)`` voxel indices of the crop.
 """
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +66,30 @@ class TwoWayBlock(nn.Module):
         return image, clicks
 
 
+class MaskMemory(nn.Module):
+    """The previous prediction of a crop as a dense prompt: (B, 1, S, S, S) log-odds -> (B, C, g, g, g), added to
+    the image embedding. The last convolution starts at zero: no effect until trained."""
+
+    def __init__(self, dim: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv3d(1, hidden, 3, padding=1), nn.GELU(), nn.Conv3d(hidden, dim, 1))
+        nn.init.zeros_(self.embed[-1].weight)
+        nn.init.zeros_(self.embed[-1].bias)
+
+    def forward(self, previous: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        # Probabilities in [-1, 1] pooled to the feature grid: bounded, whatever the previous logits' scale.
+        pooled = F.adaptive_avg_pool3d(previous.float().sigmoid() * 2 - 1, tuple(grid))
+        return self.embed(pooled)
+
+
 class PromptEncoder3d(nn.Module):
-    """Conditions the deepest feature map on the clicks."""
+    """Conditions the deepest feature map on the clicks (and on the previous prediction, when there is one)."""
 
     def __init__(self, dim: int = 256, num_heads: int = 8, mlp_dim: int = 2048, depth: int = 2) -> None:
         super().__init__()
         self.layers = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim) for _ in range(depth))
+        self.click_type = nn.Parameter(torch.zeros(2, dim))  # row 0: background, row 1: foreground
+        self.mask_memory = MaskMemory(dim)
 
     @staticmethod
     def sample(features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
@@ -81,10 +102,22 @@ class PromptEncoder3d(nn.Module):
         tokens = F.grid_sample(features.float(), grid[:, None, None].float(), align_corners=False)  # (B, C, 1, 1, N)
         return tokens.flatten(2).transpose(1, 2)
 
-    def forward(self, features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        points: torch.Tensor,
+        crop_size: Sequence[int],
+        labels: Optional[torch.Tensor] = None,
+        previous: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """features: (B, C, d, h, w); points: (B, N, 3) float (d, h, w) voxel indices of a crop of size
-        ``crop_size``. Returns the conditioned features, (B, C, d, h, w)."""
+        ``crop_size``; labels: (B, N) 1 = foreground, 0 = background (default all foreground); previous: the
+        crop's previous prediction, (B, 1, S, S, S) log-odds. Returns the conditioned features, (B, C, d, h, w)."""
         clicks = self.sample(features, points, crop_size)
+        labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
+        clicks = clicks + self.click_type[labels.long()].to(clicks.dtype)
+        if previous is not None:
+            features = features + self.mask_memory(previous, features.shape[2:]).to(features.dtype)
         image = features.flatten(2).transpose(1, 2)
         for layer in self.layers:
             image, clicks = layer(image, clicks)

@@ -5,7 +5,7 @@ Public axis convention: a crop is a ``(D, H, W)`` array (batched: ``(B, 1, D, H,
 """
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +28,38 @@ class CropEncoding:
         return sum(t.numel() * t.element_size() for t in (self.prepared, self.deep))
 
 
-def exclude_background(logit_fg: torch.Tensor, logit_bg: torch.Tensor) -> torch.Tensor:
-    """Remove what the background clicks claim from what the foreground clicks found (log-odds in and out).
+def exclude_background(logit_fg: torch.Tensor, logit_bg: torch.Tensor, nearer_background: torch.Tensor) -> torch.Tensor:
+    """The rule for models never trained on background clicks (the authors'): remove what the background clicks
+    claim from what the foreground clicks found (log-odds in and out).
 
     ``logit_bg`` is the model's answer to the background clicks taken as prompts ("what object is this?").
-    Where it claims a voxel more strongly than the foreground answer does, the voxel's probability drops
-    below ``1 - p_bg``, i.e. its log-odds below ``-logit_bg``. The result never exceeds ``logit_fg``: a
-    background click cannot add foreground. Written on log-odds so that training can back-propagate through it.
+    Where it claims a voxel more strongly than the foreground answer does, and the voxel lies nearer to a
+    background click than to any foreground click (``nearer_background``, bool), the voxel's log-odds drop below
+    ``-logit_bg``. A background click on a leak that the model takes for the same object as the lesion thus
+    removes the leak's side only, never the clicked lesion; and it never adds foreground. Written on log-odds so
+    that training can back-propagate through it.
     """
-    return torch.where(logit_bg > logit_fg, torch.minimum(logit_fg, -logit_bg), logit_fg)
+    removed = (logit_bg > logit_fg) & nearer_background
+    return torch.where(removed, torch.minimum(logit_fg, -logit_bg), logit_fg)
+
+
+def nearer_to_background(points: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+    """(S, S, S) bool: crop voxels nearer to some background click than to every foreground click."""
+    axis = torch.arange(size, device=points.device, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)  # (S, S, S, 3)
+
+    def nearest(clicks: torch.Tensor) -> torch.Tensor:
+        return torch.stack([((grid - c.float()) ** 2).sum(-1) for c in clicks]).amin(0)
+
+    return nearest(points[labels == 0]) < nearest(points[labels == 1])
+
+
+class PrefixMemo(Protocol):
+    """Rounds of :meth:`Sam3D.correction_logits` already computed for one crop encoding, by their clicks."""
+
+    def get(self, points: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]: ...
+
+    def put(self, points: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None: ...
 
 
 class Sam3D(nn.Module):
@@ -49,6 +72,10 @@ class Sam3D(nn.Module):
         self.mask_decoder = mask_decoder
         self.crop_size = crop_size
         self.weights_info: dict = {}  # where the weights came from, filled by build_sam3d
+        # Trained as users correct (training's correction rounds): background clicks are prompts of their own type
+        # and each click sees the previous prediction. Otherwise (the authors' checkpoints) background clicks act
+        # through exclude_background and all clicks are decoded at once.
+        self.correction_trained = False
         # bfloat16 autocast: the default on GPUs; on CPUs with bf16 units an opt-in (outputs differ slightly).
         self.bfloat16 = False
 
@@ -71,30 +98,83 @@ class Sam3D(nn.Module):
             low_res = F.interpolate(crop, scale_factor=0.5, mode="trilinear")
             return CropEncoding(self.mask_decoder.prepare(features[:3], low_res), features[3])
 
-    def decode(self, encoding: CropEncoding, points: torch.Tensor) -> torch.Tensor:
-        """points: (B, N, 3) (d, h, w) crop voxel indices of foreground clicks -> logits (B, 2, S, S, S), float32."""
+    def decode(
+        self,
+        encoding: CropEncoding,
+        points: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        previous: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """points: (B, N, 3) (d, h, w) crop voxel indices; labels: (B, N) 1 = foreground, 0 = background (default
+        all foreground); previous: (B, 1, S, S, S) the crop's previous foreground log-odds, or None -> logits
+        (B, 2, S, S, S), float32."""
         with self.autocast():
-            deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3)
+            deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3, labels, previous)
             return self.mask_decoder(encoding.prepared, deep).float()
 
-    def click_logits(self, encoding: CropEncoding, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def click_logits(
+        self,
+        encoding: CropEncoding,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        previous: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """points: (N, 3) (d, h, w) crop indices, at least one of them foreground; labels: (N,) 1 = foreground,
-        0 = background -> (S, S, S) float32 foreground log-odds. Differentiable (training uses it)."""
+        0 = background; previous: (S, S, S) the previous foreground log-odds of this crop, or None -> (S, S, S)
+        float32 foreground log-odds. Differentiable (training uses it)."""
         device = encoding.deep.device
         points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
-        foreground, background = points[labels == 1], points[labels == 0]
-        logits = self.decode(encoding, foreground[None])[0]
-        logit = logits[1] - logits[0]  # sigmoid(l1 - l0) is the two-class softmax's foreground probability
-        if len(background):
-            logits_bg = self.decode(encoding, background[None])[0]
-            logit = exclude_background(logit, logits_bg[1] - logits_bg[0])
+        previous = None if previous is None else previous.detach().to(device)[None, None]
+        if self.correction_trained:
+            logits = self.decode(encoding, points[None], labels[None], previous)[0]
+            return logits[1] - logits[0]  # sigmoid(l1 - l0) is the two-class softmax's foreground probability
+        foreground = points[labels == 1]
+        logits = self.decode(encoding, foreground[None], previous=previous)[0]
+        logit = logits[1] - logits[0]
+        if (labels == 0).any():
+            logits_bg = self.decode(encoding, points[labels == 0][None])[0]
+            logit = exclude_background(logit, logits_bg[1] - logits_bg[0], nearer_to_background(points, labels, self.crop_size))
         return logit
+
+    def correction_logits(
+        self, encoding: CropEncoding, points: torch.Tensor, labels: torch.Tensor, memo: Optional["PrefixMemo"] = None
+    ) -> torch.Tensor:
+        """Foreground log-odds (S, S, S) after all clicks, for a request that carries every click of the segment.
+
+        A correction-trained model replays the clicks one round each, every round seeing the previous round's
+        prediction, in a canonical order that only the request decides (foreground clicks, then background
+        clicks, each in the order sent: clients send no order between the two lists). The same request thus
+        always gets the same answer, whoever clicked before and whether or not the server restarted. ``memo``
+        keeps rounds already computed (a refinement that adds a click replays one round); other models decode
+        all clicks at once. points: (N, 3) crop indices; labels: (N,) 1 = foreground, 0 = background."""
+        points, labels = torch.as_tensor(points).reshape(-1, 3), torch.as_tensor(labels).reshape(-1)
+        if not self.correction_trained:
+            return self.click_logits(encoding, points, labels)
+        order = torch.cat([torch.nonzero(labels == 1)[:, 0], torch.nonzero(labels == 0)[:, 0]])
+        points, labels = points[order], labels[order]
+        previous, start = None, 0
+        if memo is not None:
+            for rounds in range(len(points), 0, -1):
+                previous = memo.get(points[:rounds], labels[:rounds])
+                if previous is not None:
+                    start = rounds
+                    break
+        for rounds in range(start + 1, len(points) + 1):
+            previous = self.click_logits(encoding, points[:rounds], labels[:rounds], previous)
+            if memo is not None:
+                memo.put(points[:rounds], labels[:rounds], previous)
+        return previous
 
     @torch.no_grad()
     def foreground_probability(
-        self, encoding: CropEncoding, points: torch.Tensor, labels: Optional[torch.Tensor] = None
+        self,
+        encoding: CropEncoding,
+        points: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        memo: Optional["PrefixMemo"] = None,
     ) -> torch.Tensor:
-        """points: (N, 3) (d, h, w) crop indices; labels: (N,) 1 = foreground, 0 = background (default all 1).
+        """points: (N, 3) (d, h, w) crop indices; labels: (N,) 1 = foreground, 0 = background (default all 1);
+        memo: see :meth:`correction_logits`.
 
         Returns (S, S, S) foreground probability; zeros when there is no foreground click."""
         device = encoding.deep.device
@@ -102,7 +182,7 @@ class Sam3D(nn.Module):
         labels = torch.ones(len(points), dtype=torch.long, device=device) if labels is None else labels.to(device)
         if not (labels == 1).any():
             return torch.zeros((self.crop_size,) * 3, device=device)
-        return self.click_logits(encoding, points, labels).sigmoid()
+        return self.correction_logits(encoding, points, labels, memo).sigmoid()
 
     def predict_crop(
         self,

@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LinearLR
 from tqdm import tqdm
 
 from lib.files import atomic_write
-from lib.model import CropEncoding, Sam3D, freeze_backbone
+from lib.model import Sam3D, freeze_backbone
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
@@ -45,32 +45,22 @@ def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, L
     return optimizer, LinearLR(optimizer, start_factor=1.0, end_factor=0.01, total_iters=steps)
 
 
-def simulate_clicks(
-    model: Sam3D,
-    encoding: CropEncoding,
-    lesion: np.ndarray,
-    rng: np.random.Generator,
-    max_corrections: int,
-    background_probability: float = FIRST_BACKGROUND_PROBABILITY,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A user's clicks on one crop: a foreground click inside the lesion, sometimes a background click
-    outside it (near or far), then up to ``max_corrections`` clicks on the largest error of the prediction
-    so far (foreground on a miss, background on a leak). -> points (N, 3), labels (N,)."""
+# Correction rounds after the first click (SAM-Med3D simulates about eleven; a few already teach the model to
+# use its previous prediction, and each round costs a decoder pass with gradients).
+MAX_CORRECTION_ROUNDS = 4
+# How often a round adds no click: the model also learns to keep, or settle, its previous answer.
+NO_CLICK_PROBABILITY = 0.1
+
+
+def first_clicks(lesion: np.ndarray, rng: np.random.Generator, background_probability: float) -> Tuple[list, list]:
+    """A foreground click inside the lesion, sometimes with a background click outside it (near or far)."""
     points, labels = [interior_click(lesion, rng)], [1]
     if rng.random() < background_probability:
         click = background_click(lesion, rng)
         if click is not None:
             points.append(click)
             labels.append(0)
-    for _ in range(rng.integers(0, max_corrections + 1)):
-        with torch.no_grad():
-            logit = model.click_logits(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels))
-        correction = correction_click(logit.cpu().numpy() > 0, lesion)
-        if correction is None:
-            break
-        points.append(correction[0])
-        labels.append(correction[1])
-    return torch.as_tensor(np.stack(points)), torch.tensor(labels)
+    return points, labels
 
 
 def train_step(
@@ -79,18 +69,31 @@ def train_step(
     label: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     rng: np.random.Generator,
-    max_corrections: int = 2,
+    max_rounds: int = MAX_CORRECTION_ROUNDS,
     background_probability: float = FIRST_BACKGROUND_PROBABILITY,
 ) -> float:
     """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
 
-    The encoder runs once; the loss is on the prediction for all simulated clicks, background clicks acting
-    through the same rule as at inference, so the model learns what a background click should point at."""
+    A user correcting a mask, simulated: the encoder runs once; a first click, then up to ``max_rounds``
+    rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction
+    (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
+    prompt. The loss is the mean over the rounds, so every click is taught to improve the mask."""
+    model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
     encoding = model.encode_with_grad(crop)
     lesion = label[0, 0].bool().cpu().numpy()
-    points, labels = simulate_clicks(model, encoding, lesion, rng, max_corrections, background_probability)
-    logit = model.click_logits(encoding, points, labels)
-    loss = LOSS(torch.stack([torch.zeros_like(logit), logit])[None], label)
+    points, labels = first_clicks(lesion, rng, background_probability)
+    previous, losses = None, []
+    for round_index in range(1 + int(rng.integers(0, max_rounds + 1))):
+        if round_index and rng.random() >= NO_CLICK_PROBABILITY:
+            correction = correction_click(previous.cpu().numpy() > 0, lesion)
+            if correction is None:
+                break
+            points.append(correction[0])
+            labels.append(correction[1])
+        logit = model.click_logits(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels), previous)
+        losses.append(LOSS(torch.stack([torch.zeros_like(logit), logit])[None], label))
+        previous = logit.detach()
+    loss = torch.stack(losses).mean()
     optimizer.zero_grad()
     loss.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
