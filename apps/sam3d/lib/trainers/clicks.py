@@ -90,7 +90,7 @@ def protocol_click(
     largest = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
     region = components == largest
     box = grown_box(region, margin=0)
-    # One voxel of padding: a region that reaches a face is no deeper than one that stops just before it.
+    # Padded with background: the array's faces count as border (the challenge's black border).
     depth = ndimage.distance_transform_edt(np.pad(region[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     click = np.array([s.start for s in box]) + np.array(np.unravel_index(depth.argmax(), depth.shape))
     return click, int(truth[tuple(click)])
