@@ -1,13 +1,17 @@
-"""Evaluate a checkpoint as a user would use it: 1, 3 and 5 simulated clicks per lesion, Dice and NSD.
+"""Evaluate a checkpoint as a user would use it: N simulated clicks per lesion, Dice and NSD after each.
 
     .venv/bin/python scripts/evaluate.py DATA --checkpoint CKPT --preset kits --out results/kits
-    .venv/bin/python scripts/evaluate.py studies/demo --backbone tiny --checkpoint apps/sam3d/model/sam3d.pt
+    .venv/bin/python scripts/evaluate.py studies/hard --checkpoint tiny.pt --preset kits --label-value 1 --clicks 5
 
 DATA is an MSD-layout folder (imagesTr/ and labelsTr/, e.g. Task07_Pancreas) or a MONAI Label studies folder
-(images beside labels/final/). Each lesion (connected component of the tumour label) gets a first click at its
-centre and each next one on the largest error, as lib/trainers/evaluate.py simulates. Writes per-lesion rows
-(results.csv), a per-case and mean table (results.md, also printed) and a plot of Dice and NSD against clicks
-(results.png) to --out.
+(images beside labels/final/). Each lesion (connected component of the tumour label) is clicked by the CVPR 2025
+interactive 3D segmentation challenge's protocol (lib/trainers/clicks.py protocol_click): the first click at its
+deepest voxel, each next one at the deepest voxel of the largest error, foreground on a miss, background on a
+leak. Per lesion: Dice and NSD after clicks 1..N, the area under the Dice curve (AUC: the mean of Dice@1..N) and
+the worst drop (the largest fall of Dice after one click). Where DATA holds lesion_kinds.json (written with the
+hard phantoms by scripts/make_demo_studies.py --hard) each lesion carries its study's kind. Writes per-lesion
+rows (results.csv), a table per kind (else per case) and overall (results.md, also printed) and a plot of Dice
+and NSD against clicks (results.png) to --out.
 """
 
 import argparse
@@ -26,8 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
 from lib.model import CONFIGS, build_sam3d  # noqa: E402
+from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.trainers.data import load_labelled  # noqa: E402
-from lib.trainers.evaluate import NSD_TOLERANCE_MM, lesion_scores  # noqa: E402
+from lib.trainers.evaluate import NSD_TOLERANCE_MM, dice_auc, lesion_scores, worst_drop  # noqa: E402
 from lib.transforms.presets import PAPER_PRESETS, PRESETS  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -61,32 +66,51 @@ def find_cases(data: str) -> List[Tuple[str, str, str]]:
     return cases
 
 
-def markdown_table(rows: List[Dict], clicks: List[int]) -> str:
-    header = ["case", "lesions"] + [f"Dice@{n}" for n in clicks] + [f"NSD@{n}" for n in clicks]
+def lesion_row(case: str, lesion: int, kind: str, scores: Dict[int, Tuple[float, float]], clicks: int) -> Dict:
+    """One csv row: Dice and NSD after each click, the AUC and worst drop of the Dice curve."""
+    row = {"case": case, "lesion": lesion, "kind": kind}
+    for n in range(1, clicks + 1):
+        row[f"dice_{n}"], row[f"nsd_{n}"] = scores[n]
+    curve = [scores[n][0] for n in range(1, clicks + 1)]
+    row["dice_auc"], row["worst_drop"] = dice_auc(curve), worst_drop(curve)
+    return row
+
+
+def groups(rows: List[Dict]) -> Tuple[str, Dict[str, List[Dict]]]:
+    """("kind", rows per lesion kind) where kinds are known, else ("case", rows per case); then all rows."""
+    key = "kind" if any(r["kind"] for r in rows) else "case"
+    names = sorted({r[key] for r in rows})
+    return key, {**{name: [r for r in rows if r[key] == name] for name in names}, "all (mean per lesion)": rows}
+
+
+def markdown_table(rows: List[Dict], clicks: int) -> str:
+    key, grouped = groups(rows)
+    columns = [f"dice_{n}" for n in range(1, clicks + 1)] + [f"nsd_{n}" for n in range(1, clicks + 1)]
+    header = [key, "lesions"] + [c.replace("dice_", "Dice@").replace("nsd_", "NSD@") for c in columns]
+    header += ["Dice AUC", "worst drop"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    cases = sorted({r["case"] for r in rows})
-    for case in cases + ["mean (per lesion)"]:
-        chosen = [r for r in rows if r["case"] == case] if case in cases else rows
-        cells = [case, str(len(chosen))]
-        cells += [f"{np.mean([r[f'dice_{n}'] for r in chosen]):.3f}" for n in clicks]
-        cells += [f"{np.mean([r[f'nsd_{n}'] for r in chosen]):.3f}" for n in clicks]
+    for name, chosen in grouped.items():
+        cells = [name, str(len(chosen))] + [f"{np.mean([r[c] for r in chosen]):.3f}" for c in columns + ["dice_auc", "worst_drop"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: List[Dict], clicks: List[int], path: str) -> None:
+def plot(rows: List[Dict], clicks: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for metric, name in (("dice", "Dice"), ("nsd", "NSD")):
-        means = [np.mean([r[f"{metric}_{n}"] for r in rows]) for n in clicks]
-        ax.plot(clicks, means, marker="o", label=name)
-    ax.set(xlabel="clicks", ylabel="mean per lesion", xticks=clicks, ylim=(0, 1.02))
+    steps = list(range(1, clicks + 1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, chosen in groups(rows)[1].items():
+        everything = chosen is rows
+        ax.plot(steps, [np.mean([r[f"dice_{n}"] for r in chosen]) for n in steps], marker="o",
+                label=f"Dice, {name}", linewidth=2.5 if everything else 1, color="black" if everything else None)
+    ax.plot(steps, [np.mean([r[f"nsd_{n}"] for r in rows]) for n in steps], "k--", label="NSD, all")
+    ax.set(xlabel="clicks", ylabel="mean per lesion", xticks=steps, ylim=(0, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -100,7 +124,7 @@ def main() -> None:
     parser.add_argument("--sam-checkpoint", help="SAM weights for the frozen backbone (with an authors' checkpoint)")
     parser.add_argument("--preset", default="ct", choices=sorted(PRESETS), help=f"paper presets: {sorted(PAPER_PRESETS)}")
     parser.add_argument("--label-value", type=int, help="the tumour's label value (default: the preset's, else any > 0)")
-    parser.add_argument("--clicks", type=int, nargs="+", default=[1, 3, 5])
+    parser.add_argument("--clicks", type=int, default=5, help="clicks per lesion, each scored")
     parser.add_argument("--tolerance", type=float, default=NSD_TOLERANCE_MM, help="NSD tolerance in mm (paper: 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, help="evaluate the first N cases only")
@@ -114,16 +138,14 @@ def main() -> None:
     model.to(args.device).eval()
     label_value = args.label_value or TUMOUR_LABEL.get(args.preset)
     spacing = PRESETS[args.preset].spacing
-    clicks = sorted(set(args.clicks))
+    clicks = range(1, args.clicks + 1)
+    kinds = read_lesion_kinds(args.data)
 
     rows = []
     for case, image_path, label_path in tqdm(cases, desc="cases"):
         image, label = load_labelled(image_path, label_path, args.preset, label_value)
-        for lesion, scores in enumerate(lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance)):
-            row = {"case": case, "lesion": lesion + 1}
-            for n in clicks:
-                row[f"dice_{n}"], row[f"nsd_{n}"] = scores[n]
-            rows.append(row)
+        per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance)
+        rows += [lesion_row(case, i + 1, kinds.get(case, ""), scores, args.clicks) for i, scores in enumerate(per_lesion)]
     if not rows:
         raise SystemExit("no lesion in any label: check --label-value")
 
@@ -132,11 +154,12 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown_table(rows, clicks)
+    table = markdown_table(rows, args.clicks)
     weights = ", ".join(f"{k}: {v}" for k, v in model.weights_info.items())
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"{args.data}, preset {args.preset}, NSD tolerance {args.tolerance} mm\n\nweights: {weights}\n\n{table}\n")
-    plot(rows, clicks, os.path.join(args.out, "results.png"))
+        f.write(f"{args.data}, preset {args.preset}, NSD tolerance {args.tolerance} mm, {args.clicks} clicks per lesion "
+                f"(challenge protocol)\n\nweights: {weights}\n\n{table}\n")
+    plot(rows, args.clicks, os.path.join(args.out, "results.png"))
     print(table)
     logger.info(f"wrote {args.out}/results.csv, results.md and results.png")
 

@@ -73,3 +73,35 @@ def test_mask_uncertainty_is_zero_for_a_crisp_mask_and_grows_with_undecided_voxe
     soft = crisp * 0.9 + 0.05
     softer = crisp * 0.5 + 0.3
     assert 0 < mask_uncertainty(soft) < mask_uncertainty(softer) < 1
+
+
+def test_the_protocol_click_is_the_deepest_voxel_of_the_largest_error_with_its_sign():
+    from lib.trainers.clicks import protocol_click
+
+    shape = (48, 48, 56)
+    lesion, satellite = ball(shape, (20, 20, 20), 8), ball(shape, (20, 20, 40), 6)
+    truth = lesion | satellite
+    assert protocol_click(np.zeros(shape, bool), lesion)[0].tolist() == [20, 20, 20]  # the first click
+    assert protocol_click(np.zeros(shape, bool), lesion)[1] == 1
+    small_leak = ball(shape, (38, 38, 20), 2)
+    click, sign = protocol_click(lesion | small_leak, truth)  # the missed satellite outweighs the small leak
+    assert click.tolist() == [20, 20, 40] and sign == 1
+    big_leak = ball(shape, (38, 20, 46), 7) & ~truth
+    click, sign = protocol_click(truth | big_leak | ~satellite & lesion, truth)
+    assert sign == 0 and big_leak[tuple(click)] and click[1] == 20  # the leak, on its plane of symmetry
+    assert protocol_click(truth, truth) is None
+
+
+def test_the_protocol_click_measures_depth_in_millimetres():
+    """One error region: a flat ellipsoid (radii 3, 7, 7 voxels) joined by a one-voxel neck to a ball (radius
+    5.5). In voxels the ball is deeper; with slices 3 mm apart (along d) the flat one is (9, 7, 7 mm)."""
+    from lib.trainers.clicks import protocol_click
+
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (13, 21, 40)], indexing="ij"), -1)
+    flat = (((grid - [6, 10, 10]) / [3, 7, 7]) ** 2).sum(-1) <= 1
+    error = flat | ball(grid.shape[:3], (6, 10, 30), 5.5)
+    error[6, 10, 10:31] = True  # the neck: one region
+    click, sign = protocol_click(error, np.zeros_like(error), (1.0, 1.0, 1.0))
+    assert click.tolist() == [6, 10, 30] and sign == 0
+    click, sign = protocol_click(np.zeros_like(error), error, (3.0, 1.0, 1.0))
+    assert click.tolist() == [6, 10, 10] and sign == 1

@@ -80,12 +80,129 @@ def test_evaluate_reports_every_tumour_of_an_msd_dataset(tmp_path, demo_studies)
     out = tmp_path / "results"
     table = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), str(tmp_path / "msd"), "--backbone", "tiny",
-         "--preset", "kits", "--clicks", "1", "3", "--out", str(out)],
+         "--preset", "kits", "--clicks", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=900, check=True,
     ).stdout
     with open(out / "results.csv") as f:
         rows = f.read().splitlines()
-    assert rows[0] == "case,lesion,dice_1,nsd_1,dice_3,nsd_3" and len(rows) - 1 == lesions
-    scores = np.array([[float(v) for v in row.split(",")[2:]] for row in rows[1:]])
+    assert rows[0] == "case,lesion,kind,dice_1,nsd_1,dice_2,nsd_2,dice_auc,worst_drop" and len(rows) - 1 == lesions
+    scores = np.array([[float(v) for v in row.split(",")[3:]] for row in rows[1:]])
     assert ((scores >= 0) & (scores <= 1)).all()
-    assert f"| mean (per lesion) | {lesions} |" in table and (out / "results.png").stat().st_size > 0
+    assert "| case | lesions | Dice@1 | Dice@2 | NSD@1 | NSD@2 | Dice AUC | worst drop |" in table  # no kinds: per case
+    assert f"| all (mean per lesion) | {lesions} |" in table and (out / "results.png").stat().st_size > 0
+
+
+def hard_rendered(count=4, seed=5):
+    """Hard studies (one of each kind) with their (i, j, k) HU image and label, rendered as write_studies does."""
+    import zlib
+
+    from lib.phantoms import hard_studies, render
+
+    return [(s, *render(s, np.random.default_rng(zlib.crc32(s.name.encode())))) for s in hard_studies(count, seed)]
+
+
+def test_hard_studies_are_deterministic_per_seed(tmp_path):
+    from lib.phantoms import hard_studies, read_lesion_kinds, write_studies
+
+    first, again, other = hard_studies(4, seed=5), hard_studies(4, seed=5), hard_studies(4, seed=6)
+    for a, b, c in zip(first, again, other):
+        assert a.name == b.name != c.name and a.shape == b.shape and a.lesions == b.lesions != c.lesions
+        assert np.array_equal(a.affine, b.affine)
+    write_studies(str(tmp_path / "a"), studies=first)
+    write_studies(str(tmp_path / "b"), studies=again)
+    for study in first:
+        for sub in ("", os.path.join("labels", "final")):
+            a, b = (np.asarray(nib.load(str(tmp_path / d / sub / f"{study.name}.nii.gz")).dataobj) for d in "ab")
+            assert np.array_equal(a, b)
+    write_studies(str(tmp_path / "a"), studies=other)  # a second set in the same folder adds its kinds
+    kinds = read_lesion_kinds(str(tmp_path / "a"))
+    assert kinds == {s.name: k for s, k in zip(first + other, ["lobulated", "ring", "low_contrast", "touching"] * 2)}
+
+
+def test_hard_studies_lie_on_thick_slice_permuted_and_oblique_grids():
+    from lib.phantoms import hard_studies
+
+    studies = hard_studies(6, seed=5)
+    oblique_axes = []
+    for study in studies:
+        spacing = np.linalg.norm(study.affine[:3, :3], axis=0)
+        direction = study.affine[:3, :3] / spacing
+        thick = int(spacing.argmax())
+        assert spacing[thick] >= 1.5 and spacing[thick] / np.delete(spacing, thick).max() >= 1.5
+        assert abs(direction[2, thick]) > 0.8  # slices across the body axis (S), however the axes are stored
+        # How many world axes no voxel axis runs along (cosine below 0.99): 0 straight, 2 turned about one, 3 oblique.
+        oblique_axes.append(int((np.abs(direction).max(axis=1) < 0.99).sum()))
+    assert oblique_axes[:3] == [0, 2, 3] and oblique_axes[3:] == [0, 2, 3]
+    assert len({nib.aff2axcodes(s.affine) for s in studies}) >= 3  # permuted and flipped in several ways
+
+
+def test_hard_lesions_are_what_their_kind_says():
+    from scipy import ndimage
+
+    from lib.phantoms import HOST_HU, inside_ellipsoid, world_grid
+
+    rendered = {s.lesions[0].kind: (s, image, label.astype(bool)) for s, image, label in hard_rendered()}
+    for study, image, label in rendered.values():
+        assert label.dtype == bool and ndimage.label(label, np.ones((3, 3, 3)))[1] == 1  # one lesion, whole
+        inner = (slice(1, -1),) * 3
+        assert label[inner].sum() == label.sum()  # inside the field of view
+
+    def shell(label):  # the voxels just outside the lesion
+        return ndimage.binary_dilation(label, np.ones((3, 3, 3))) & ~label
+
+    def like_lesion(study, image):  # voxels nearer the lesion's HU (a ring's rim) than the host's
+        return np.abs(image - study.lesions[0].hu) < np.abs(image - HOST_HU)
+
+    study, image, label = rendered["ring"]
+    lesion = study.lesions[0]
+    core = inside_ellipsoid(world_grid(study), lesion.lobes[0][0], lesion.core[0])
+    assert core.sum() > 50 and (label & ~core).sum() > 50 and (label | ~core).all()  # the core is tumour too
+    assert image[core].mean() < HOST_HU - 20 and image[label & ~core].mean() > HOST_HU + 40  # dark core, bright rim
+    assert like_lesion(study, image)[shell(label)].mean() < 0.02  # nothing of its HU touches it
+
+    study, image, label = rendered["low_contrast"]
+    around = ndimage.binary_dilation(label, np.ones((3, 3, 3)), iterations=3) & ~label
+    assert 3 < image[label].mean() - image[around].mean() < 20  # a few HU above its host, noise 12 HU
+
+    study, image, label = rendered["touching"]
+    contact = like_lesion(study, image) & shell(label)
+    assert contact.sum() >= 10  # a structure of the lesion's HU touches it
+    vessel = ndimage.label(like_lesion(study, image) & ~label, np.ones((3, 3, 3)))[0]
+    touching = np.unique(vessel[contact])
+    assert np.isin(vessel, touching[touching > 0]).sum() > label.sum() / 4  # and it is a sizeable one, not noise
+
+    study, image, label = rendered["lobulated"]
+    lobes = study.lesions[0].lobes
+    body = inside_ellipsoid(world_grid(study), *lobes[0])
+    assert len(lobes) > 1 and (label & ~body).sum() > label.sum() / 10  # lobes stick out of the body
+    assert like_lesion(study, image)[shell(label)].mean() < 0.02
+
+
+def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path):
+    """A tiny run on one study of each kind: per-lesion AUC and worst drop from the per-click Dice, the table's
+    per-kind and overall means from the rows."""
+    import csv
+
+    from lib.phantoms import hard_studies, write_studies
+
+    write_studies(str(tmp_path / "hard"), studies=hard_studies(4, seed=5))
+    out = tmp_path / "results"
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), str(tmp_path / "hard"), "--backbone", "tiny",
+         "--preset", "kits", "--label-value", "1", "--clicks", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, check=True,
+    )
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["kind"] for r in rows] == ["lobulated", "ring", "low_contrast", "touching"]
+    for row in rows:
+        dice = [float(row[f"dice_{n}"]) for n in (1, 2, 3)]
+        assert np.isclose(float(row["dice_auc"]), np.mean(dice))
+        assert np.isclose(float(row["worst_drop"]), max(0.0, dice[0] - dice[1], dice[1] - dice[2]))
+    table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                              for line in (out / "results.md").read_text().splitlines() if line.startswith("| "))}
+    assert table["kind"] == ["lesions", "Dice@1", "Dice@2", "Dice@3", "NSD@1", "NSD@2", "NSD@3", "Dice AUC", "worst drop"]
+    columns = ["dice_1", "dice_2", "dice_3", "nsd_1", "nsd_2", "nsd_3", "dice_auc", "worst_drop"]
+    for name, chosen in [(r["kind"], [r]) for r in rows] + [("all (mean per lesion)", rows)]:
+        expected = [str(len(chosen))] + [f"{np.mean([float(r[c]) for r in chosen]):.3f}" for c in columns]
+        assert table[name] == expected, name

@@ -2,27 +2,31 @@
 
 A first click goes where a user aims: well inside the lesion (the deeper, the likelier). A correction click
 goes on the largest error of the current mask, at the point farthest from its border: a foreground click on
-missed tumour, a background click on a leak.
+missed tumour, a background click on a leak. ``protocol_click`` is the CVPR 2025 interactive 3D segmentation
+challenge's rule for both, the one evaluation follows.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
+# Voxels that share a face, an edge or a corner are connected (the challenge's 26-connectivity).
+CONNECTIVITY = np.ones((3, 3, 3), bool)
 
-def grown_box(region: np.ndarray, margin: int) -> Tuple[slice, ...]:
-    """The bounding box of ``region``'s True voxels grown by ``margin``, clipped to the array.
 
-    Distance transforms run inside it only (a training step simulates several clicks on a 128^3 crop, and
-    the whole-crop transforms cost more than the GPU's step)."""
-    nonzero = np.nonzero(region)
+def grown_box(*regions: np.ndarray, margin: int) -> Tuple[slice, ...]:
+    """The bounding box of the True voxels of ``regions`` (bool, one shape) grown by ``margin``, clipped to the array.
+
+    Distance transforms and metrics run inside it only (a training step simulates several clicks on a 128^3
+    crop, and the whole-crop transforms cost more than the GPU's step)."""
+    nonzero = np.nonzero(np.logical_or.reduce(regions))
     return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in nonzero)
 
 
 def interior_click(region: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """A voxel of ``region`` (bool, 3D): its deepest voxel, or with ``rng`` one drawn in proportion to depth^2."""
-    box = grown_box(region, 1)  # one voxel of background around it: the same depths as in the whole array
+    box = grown_box(region, margin=1)  # one voxel of background around it: the same depths as in the whole array
     start = np.array([s.start for s in box])
     depth = ndimage.distance_transform_edt(region[box])
     if rng is None:
@@ -37,7 +41,7 @@ def background_click(lesion: np.ndarray, rng: np.random.Generator, near: float =
     if not lesion.any():
         return None
     # Voxels farther than ``near`` from the lesion's box are farther than ``near`` from the lesion.
-    box = grown_box(lesion, int(np.ceil(near)) + 1)
+    box = grown_box(lesion, margin=int(np.ceil(near)) + 1)
     distance = ndimage.distance_transform_edt(~lesion[box])
     near_zone = np.zeros_like(lesion)
     near_zone[box] = (distance > 2) & (distance <= near)
@@ -67,3 +71,26 @@ def correction_click(prediction: np.ndarray, label: np.ndarray) -> Optional[Tupl
     if best is None:
         return None
     return interior_click(best[1]), best[2]
+
+
+def protocol_click(
+    prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> Optional[Tuple[np.ndarray, int]]:
+    """The challenge's next click: (voxel index, 1 = foreground / 0 = background), or None when the mask is right.
+
+    prediction, truth: bool, one (D, H, W) shape; spacing: mm per voxel along those axes. The click goes to the
+    voxel deepest inside (largest distance in mm to its border, the array's faces count as border) the largest
+    26-connected component of the error ``prediction XOR truth``, foreground where that voxel is tumour (a miss),
+    background where it is not (a leak). With an empty prediction it is the first click: the lesion's deepest
+    voxel. Ties go to the first voxel in C order (the challenge draws one at random)."""
+    error = prediction != truth
+    components, count = ndimage.label(error, structure=CONNECTIVITY)
+    if count == 0:
+        return None
+    largest = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
+    region = components == largest
+    box = grown_box(region, margin=0)
+    # Padded with background: the array's faces count as border (the challenge's black border).
+    depth = ndimage.distance_transform_edt(np.pad(region[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    click = np.array([s.start for s in box]) + np.array(np.unravel_index(depth.argmax(), depth.shape))
+    return click, int(truth[tuple(click)])

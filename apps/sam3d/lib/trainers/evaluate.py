@@ -1,4 +1,6 @@
-"""Simulated users for validation and evaluation: a first click at a lesion's centre, then corrections.
+"""Simulated users for validation and evaluation, by the CVPR 2025 interactive 3D segmentation challenge's
+protocol: a first click at the lesion's deepest voxel, then each next one at the deepest voxel of the largest
+error (``clicks.protocol_click``).
 
 Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a tolerance of 5 mm, the latter with
 sub-voxel surfaces as in the DeepMind implementation the authors used.
@@ -11,10 +13,10 @@ import torch
 from monai.metrics import compute_surface_dice
 from scipy import ndimage
 
-from lib.model import Sam3D
+from lib.model import CropEncoding, Sam3D
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 
-from .clicks import correction_click, interior_click
+from .clicks import CONNECTIVITY, grown_box, protocol_click
 
 NSD_TOLERANCE_MM = 5.0
 
@@ -38,11 +40,23 @@ def surface_dice(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[fl
     return float(nsd.item())
 
 
-def bounding_box(*masks: np.ndarray, margin: int) -> Tuple[slice, ...]:
-    """The box around every True voxel of ``masks`` (same shape), grown by ``margin`` and clipped."""
-    union = np.logical_or.reduce(masks)
-    nonzero = np.nonzero(union)
-    return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in nonzero)
+def dice_auc(dice_per_click: Sequence[float]) -> float:
+    """The area under the Dice-vs-clicks curve over clicks 1..N, normalised to [0, 1]: the mean Dice."""
+    return float(np.mean(dice_per_click))
+
+
+def worst_drop(dice_per_click: Sequence[float]) -> float:
+    """The largest fall of Dice that one click caused (Dice@k-1 - Dice@k over k = 2..N), 0 if none fell."""
+    return float(max([0.0, *(np.asarray(dice_per_click[:-1]) - np.asarray(dice_per_click[1:]))]))
+
+
+def predicted_mask(model: Sam3D, encoding: CropEncoding, points: List[np.ndarray], labels: List[int]) -> np.ndarray:
+    """The mask the server answers these clicks with on an encoded crop: (S, S, S) bool.
+
+    points: (d, h, w) crop indices; labels: 1 = foreground, 0 = background. The one place evaluation asks the
+    model, so that a change of its inputs (e.g. the previous mask) is made here."""
+    prob = model.foreground_probability(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels))
+    return prob.cpu().numpy() > 0.5
 
 
 @torch.no_grad()
@@ -54,31 +68,35 @@ def lesion_scores(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     tolerance: float = NSD_TOLERANCE_MM,
 ) -> List[Dict[int, Tuple[float, float]]]:
-    """Per lesion (connected component of ``label``) of a pre-processed (D, H, W) volume: {n: (Dice, NSD)}
-    after n simulated clicks for each n in ``clicks``. The first click goes at the lesion's deepest voxel,
-    each next one on the largest error (foreground on a miss, background on a leak). The crop is planned
-    around the first click as the server does; lesion voxels outside it count as missed."""
-    components, count = ndimage.label(label)
+    """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume with voxels of
+    ``spacing`` mm: {n: (Dice, NSD)} after n protocol clicks for each n in ``clicks``.
+
+    The crop is planned around the first click as the server does, and later clicks go on the errors inside it
+    (the lesion's neighbourhood); lesion voxels outside it count as missed. A mask without error gets no
+    further click."""
+    components, count = ndimage.label(label, structure=CONNECTIVITY)
     results = []
     for index in range(1, count + 1):
         lesion = components == index
-        crop = plan_crops(interior_click(lesion)[None], np.zeros((0, 3), int), volume.shape, model.crop_size)[0]
+        first, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
+        crop = plan_crops(first[None], np.zeros((0, 3), int), volume.shape, model.crop_size)[0]
         truth_in_crop = extract_crop(torch.as_tensor(lesion), crop).numpy()
+        # Where a crop runs past the volume (zero-padded) there is nothing to click on.
+        in_volume = extract_crop(torch.ones(lesion.shape), crop).numpy() > 0
         encoding = model.encode(extract_crop(volume, crop)[None, None].to(model.device))
         points, labels, scores = [crop.foreground[0]], [1], {}
         for n in range(1, max(clicks) + 1):
-            prob = model.foreground_probability(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels))
-            in_crop = prob.cpu().numpy() > 0.5
+            in_crop = predicted_mask(model, encoding, points, labels) & in_volume
             if n in clicks:
                 pasted = torch.zeros(lesion.shape)
                 paste_max(pasted, torch.as_tensor(in_crop, dtype=torch.float32), crop)
                 prediction = pasted.numpy() > 0.5
-                box = bounding_box(prediction, lesion, margin=int(np.ceil(tolerance / min(spacing))) + 1)
+                box = grown_box(prediction, lesion, margin=int(np.ceil(tolerance / min(spacing))) + 1)
                 scores[n] = (
                     dice(prediction[box], lesion[box]),
                     surface_dice(prediction[box], lesion[box], spacing, tolerance),
                 )
-            correction = correction_click(in_crop, truth_in_crop)
+            correction = protocol_click(in_crop, truth_in_crop, spacing)
             if correction is not None:
                 points.append(correction[0])
                 labels.append(correction[1])
