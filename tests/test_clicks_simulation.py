@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.trainers.clicks import background_click, correction_click, interior_click
+from lib.trainers.clicks import background_click, interior_click, protocol_click
 
 
 def ball(shape, centre, radius):
@@ -23,11 +23,11 @@ def test_a_correction_goes_on_the_largest_error_with_its_kind():
     truth = ball((40, 40, 40), (20, 20, 20), 10)
     missed = truth & ~ball((40, 40, 40), (20, 20, 12), 6)  # a small miss at one end
     leak = truth | ball((40, 40, 40), (20, 33, 20), 5)  # a leak outside
-    click, kind = correction_click(missed, truth)
+    click, kind = protocol_click(missed, truth)
     assert kind == 1 and truth[tuple(click)] and not missed[tuple(click)]
-    click, kind = correction_click(leak, truth)
+    click, kind = protocol_click(leak, truth)
     assert kind == 0 and leak[tuple(click)] and not truth[tuple(click)]
-    assert correction_click(truth, truth) is None
+    assert protocol_click(truth, truth) is None
 
 
 def test_background_clicks_fall_outside_the_lesion_near_it_and_far_from_it():

@@ -1,9 +1,9 @@
 """Clicks as a radiologist gives them, simulated for training and evaluation.
 
-A first click goes where a user aims: well inside the lesion (the deeper, the likelier). A correction click
-goes on the largest error of the current mask, at the point farthest from its border: a foreground click on
-missed tumour, a background click on a leak. ``protocol_click`` is the CVPR 2025 interactive 3D segmentation
-challenge's rule for both, the one evaluation follows.
+A first click in training goes where a user aims: well inside the lesion (the deeper, the likelier). Correction
+clicks, in training and evaluation, follow the CVPR 2025 interactive 3D segmentation challenge
+(``protocol_click``): on the largest error of the current mask, at the point farthest from its border, a
+foreground click on missed tumour, a background click on a leak.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -55,22 +55,6 @@ def background_click(lesion: np.ndarray, rng: np.random.Generator, near: float =
         if len(candidates):
             return np.array(np.unravel_index(rng.choice(candidates), lesion.shape))
     return None
-
-
-def correction_click(prediction: np.ndarray, label: np.ndarray) -> Optional[Tuple[np.ndarray, int]]:
-    """(click, 1 = foreground / 0 = background) at the centre of the largest error region, or None if none."""
-    best = None
-    for error, click_label in ((label & ~prediction, 1), (prediction & ~label, 0)):
-        components, count = ndimage.label(error)
-        if count == 0:
-            continue
-        sizes = ndimage.sum(error, components, range(1, count + 1))
-        largest = int(np.argmax(sizes)) + 1
-        if best is None or sizes[largest - 1] > best[0]:
-            best = (sizes[largest - 1], components == largest, click_label)
-    if best is None:
-        return None
-    return interior_click(best[1]), best[2]
 
 
 def protocol_click(

@@ -18,7 +18,7 @@ from lib.model import Sam3D, freeze_backbone
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
-from .clicks import background_click, correction_click, interior_click
+from .clicks import background_click, interior_click, protocol_click
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def train_step(
     previous, losses = None, []
     for round_index in range(1 + int(rng.integers(0, max_rounds + 1))):
         if round_index and rng.random() >= NO_CLICK_PROBABILITY:
-            correction = correction_click(previous.cpu().numpy() > 0, lesion)
+            correction = protocol_click(previous.cpu().numpy() > 0, lesion)
             if correction is None:
                 break
             points.append(correction[0])
