@@ -11,7 +11,7 @@ from typing import Dict
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -63,6 +63,21 @@ def limit_request_bodies(max_bytes: int) -> None:
 
     server.max_body_size = max_bytes
     server.middleware_stack = None
+
+
+def require_model_label_only(request: Dict) -> None:
+    """MONAI Label stores an infer result under any ``label_tag`` the request names, ``final`` included: a
+    user-role click would overwrite the radiologist's label, which only annotators may save. A click may
+    store the model's own ``original`` mask, nothing else."""
+    save_label, tag = request.get("save_label", False), request.get("label_tag", DefaultLabelTag.ORIGINAL.value)
+    if not isinstance(save_label, bool):
+        raise HTTPException(status_code=422, detail=f"'save_label' must be true or false, got {save_label!r}")
+    if save_label and tag != DefaultLabelTag.ORIGINAL.value:
+        raise HTTPException(
+            status_code=422,
+            detail=f"a click stores only the model's mask ('label_tag': 'original'), not {tag!r}; "
+            "save a corrected label with PUT /datastore/label",
+        )
 
 
 class Sam3DApp(MONAILabelApp):
@@ -162,6 +177,7 @@ class Sam3DApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
+        require_model_label_only(request)
         image = request.get("image")
         datastore = datastore or self.datastore()
         upload = isinstance(image, str) and self.is_upload(image)

@@ -5,14 +5,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.datastore import require_label_of, require_volume
 from lib.files import atomic_write
 from lib.model import save_sam3d
 from lib.model.build import ModelSource
@@ -35,6 +37,7 @@ class TrainingJob:
     backbone: str
     train: List[Dict[str, str]]  # {"image": path, "label": path}
     val: List[Dict[str, str]]
+    skipped: Dict[str, str]  # image file name -> why its pair is not used
     options: Dict[str, Any]
     publish_path: str
     stats_path: str
@@ -91,6 +94,7 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
         "val_one_click_nsd": float(np.mean([n for _, n in scores])) if scores else None,
         "train_images": len(job.train),
         "val_images": len(job.val),
+        "skipped": job.skipped,
         "published": job.publish_path,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -145,6 +149,24 @@ def option_value(name: str, value: Any, default: Any) -> Any:
     return number
 
 
+def usable_pairs(datalist: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], Dict[str, str]]:
+    """The (image, final label) pairs that pass the checks a saved label passes, sorted; and why the others do
+    not. A label damaged on disk (cut short: ITK reads it zero-filled) would otherwise teach the model that the
+    lesion's lost half is background."""
+    usable, skipped = [], {}
+    for pair in sorted(datalist, key=lambda d: d["image"]):
+        name = os.path.basename(pair["image"])
+        try:
+            require_volume(pair["image"], f"the image {name}")
+            require_label_of(pair["label"], pair["image"], name)
+        except HTTPException as e:
+            logger.warning(f"sam3d training: skipping {name}: {e.detail}")
+            skipped[name] = e.detail
+            continue
+        usable.append(pair)
+    return usable, skipped
+
+
 class Sam3DTrainer(TrainTask):
     """Fine-tunes the model in use on the datastore's images whose labels are tagged final.
 
@@ -176,9 +198,10 @@ class Sam3DTrainer(TrainTask):
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         options = training_options(self.options, request)
-        datalist = sorted(datastore.datalist(), key=lambda d: d["image"])
+        datalist, skipped = usable_pairs(datastore.datalist())
         if not datalist:
-            raise InvalidRequest("no images with a final label to train on: save some labels first")
+            unusable = f" ({len(skipped)} unusable: {skipped})" if skipped else ""
+            raise InvalidRequest(f"no images with a final label to train on{unusable}: save some labels first")
         order = np.random.default_rng(options["seed"]).permutation(len(datalist))
         n_val = int(round(len(datalist) * options["val_split"])) if len(datalist) > 1 else 0
         job = TrainingJob(
@@ -187,6 +210,7 @@ class Sam3DTrainer(TrainTask):
             backbone=self.backbone,
             train=[datalist[i] for i in order[n_val:]],
             val=[datalist[i] for i in order[:n_val]],
+            skipped=skipped,
             options=options,
             publish_path=self.publish_path,
             stats_path=self.stats_path,

@@ -54,8 +54,10 @@ def parse_clicks(value: Any, name: str, shape: Sequence[int]) -> np.ndarray:
 def validate_clicks(request: Dict[str, Any], shape: Sequence[int]) -> Dict[str, np.ndarray]:
     clicks = {name: parse_clicks(request.get(name), name, shape) for name in ("foreground", "background")}
     total = sum(len(c) for c in clicks.values())
-    if total == 0:
-        raise InvalidRequest("no clicks: give at least one 'foreground' click as [i, j, k] voxel indices")
+    # Background clicks only remove what a foreground click claims (README, Background clicks): alone they
+    # could only give an empty mask.
+    if len(clicks["foreground"]) == 0:
+        raise InvalidRequest("no foreground click: give at least one 'foreground' click as [i, j, k] voxel indices")
     if total > MAX_CLICKS:
         raise InvalidRequest(f"{total} clicks in one request; at most {MAX_CLICKS} are accepted")
     return clicks
