@@ -25,12 +25,15 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
+from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
+from lib.activelearning.uncertain import is_score
 from lib.files import atomic_copy, atomic_write, remove_partial_files, sync_folder
 from lib.transforms.clicks import require_complete_nifti
 
 logger = logging.getLogger(__name__)
 
-SAFE_NAME = re.compile(r"^\w[\w.+-]*$")
+SAFE_NAME = re.compile(r"\w[\w.+-]*")
+MAX_NAME_BYTES = 128  # with an extension and a temporary file's prefix, a file name stays within 255 bytes
 
 
 def missing_is_404(method):
@@ -49,6 +52,16 @@ def require_json_object(info: Any) -> None:
         raise HTTPException(status_code=422, detail=f"info must be a JSON object, not {type(info).__name__}")
 
 
+def require_bookkeeping_types(info: Dict[str, Any]) -> None:
+    """Image info keys that MONAI Label's next-sample endpoint and the uncertain strategy read: another type
+    there (any annotator may write image info) would make every later next-sample a 500."""
+    strategies = info.get("strategy", {})
+    if not isinstance(strategies, dict) or not all(isinstance(v, dict) for v in strategies.values()):
+        raise HTTPException(status_code=422, detail="image info 'strategy' must map strategy names to objects")
+    if UNCERTAINTY_KEY in info and not is_score(info[UNCERTAINTY_KEY]):
+        raise HTTPException(status_code=422, detail=f"image info {UNCERTAINTY_KEY!r} must be a number in [0, 1]")
+
+
 class SafeLocalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, datastore_config: str = "datastore_v2.json", **kwargs):
         set_aside_unreadable(os.path.join(datastore_path, datastore_config))
@@ -64,12 +77,22 @@ class SafeLocalDatastore(LocalDatastore):
             for folder in [self._datastore_path, self._datastore.image_path(), labels, *tags]:
                 remove_partial_files(folder)
 
-    remove_image = missing_is_404(LocalDatastore.remove_image)
-    remove_label = missing_is_404(LocalDatastore.remove_label)
+    # A removal shows at once (MONAI Label leaves it to its file watcher when auto-reload is on): a training run
+    # started right after would otherwise be given a label that is gone.
+    @missing_is_404
+    def remove_image(self, image_id: str) -> None:
+        super().remove_image(image_id)
+        self.refresh()
+
+    @missing_is_404
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        super().remove_label(label_id, label_tag)
+        self.refresh()
 
     @missing_is_404
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         require_json_object(info)
+        require_bookkeeping_types(info)
         super().update_image_info(image_id, info)
 
     @missing_is_404
@@ -163,8 +186,11 @@ class SafeLocalDatastore(LocalDatastore):
 
 def require_name(kind: str, name: str) -> None:
     """Ids and tags become file and folder names: ``../x`` would write outside the datastore."""
-    if not SAFE_NAME.match(name or ""):
-        raise HTTPException(status_code=422, detail=f"{kind} {name!r}: use letters, digits and . _ + - (not first)")
+    if not SAFE_NAME.fullmatch(name or "") or len(name.encode()) > MAX_NAME_BYTES:
+        raise HTTPException(
+            status_code=422,
+            detail=f"{kind} {name[:40]!r}: use letters, digits and . _ + - (not first), {MAX_NAME_BYTES} bytes at most",
+        )
 
 
 def read_header(path: str, what: str) -> sitk.ImageFileReader:

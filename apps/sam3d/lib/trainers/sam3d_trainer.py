@@ -119,9 +119,17 @@ DEFAULT_OPTIONS = {
 OPTION_RANGES = {"steps": (1, 10**6), "learning_rate": (1e-8, 1.0), "val_split": (0.0, 0.5), "seed": (0, 2**32 - 1)}
 
 
+# Keys of MONAI Label's own in a train request: the model, and which GPUs the run may see.
+MONAI_LABEL_KEYS = ("model", "gpus")
+
+
 def training_options(defaults: Dict[str, Any], request: Dict[str, Any]) -> Dict[str, Any]:
     """The defaults with the request's values of the same options, each checked and given the default's type.
-    Other keys (MONAI Label adds its own, e.g. ``model``) are not options and are left out."""
+    A key that is neither an option nor MONAI Label's is refused: silently ignored, a misspelt or another
+    trainer's option (``max_epochs``) would train otherwise than asked."""
+    unknown = sorted(set(request) - set(defaults) - set(MONAI_LABEL_KEYS))
+    if unknown:
+        raise InvalidRequest(f"training option {unknown[0]!r} is unknown; the options are {sorted(defaults)}")
     options = dict(defaults)
     for name, default in defaults.items():
         if name in request:
@@ -147,6 +155,18 @@ def option_value(name: str, value: Any, default: Any) -> Any:
     if not lowest <= number <= highest:  # NaN fails too
         raise InvalidRequest(f"training option {name}: {value!r} is outside [{lowest:g}, {highest:g}]")
     return number
+
+
+def check_gpus(value: Any) -> None:
+    """MONAI Label passes ``gpus`` to the training process as CUDA_VISIBLE_DEVICES: anything but ``all`` or
+    indices of this machine's GPUs leaves the run without a process (not text) or without a GPU."""
+    count = torch.cuda.device_count()
+    if value in ("all", "", None):
+        return
+    indices = value.split(",") if isinstance(value, str) else []
+    if not indices or not all(i.strip().isdigit() and int(i) < count for i in indices):
+        raise InvalidRequest(f"training option gpus: {str(value)[:40]!r} is not 'all' or indices of this "
+                             f"server's {count} GPU(s), e.g. '0' or '0,1'")
 
 
 def usable_pairs(datalist: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], Dict[str, str]]:
@@ -195,6 +215,13 @@ class Sam3DTrainer(TrainTask):
             return {}
         with open(self.stats_path) as f:
             return json.load(f)
+
+    def check_request(self, request: Dict[str, Any], datastore: Datastore) -> None:
+        """Before a run is started for ``request``: what would make it fail at once (InvalidRequest)."""
+        training_options(self.options, request)
+        check_gpus(request.get("gpus", "all"))
+        if not datastore.datalist():
+            raise InvalidRequest("no images with a final label to train on: save some labels first")
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         options = training_options(self.options, request)
