@@ -52,7 +52,7 @@ class Sam3DTaskConfig(TaskConfig):
     """conf options: backbone (vit_b | vit_l | vit_h | tiny), checkpoint (the authors' or ours), sam_checkpoint
     (download | none | path), preset, labels (comma-separated), device (cpu | cuda), precision (auto | float32 |
     bfloat16; auto is bfloat16 on a GPU), compile (auto | true | false; auto compiles the encoder on a GPU), warmup (true | false), cache_mb (crop encodings), volume_cache_mb
-    (pre-processed images)."""
+    (pre-processed images), max_crops (per request)."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -84,6 +84,9 @@ class Sam3DTaskConfig(TaskConfig):
         self.cache_bytes = int(float(conf.get("cache_mb", 2048)) * 2**20)
         self.volume_cache_bytes = int(float(conf.get("volume_cache_mb", 1024)) * 2**20)
         self.warmup = conf.get("warmup", "true").lower() in ("true", "1", "yes")
+        self.max_crops = int(conf.get("max_crops", 16))
+        if self.max_crops < 1:
+            raise ValueError(f"conf max_crops {self.max_crops}: give a whole number above 0")
         self.network = self.build_model()
 
     def build_model(self):
@@ -104,6 +107,7 @@ class Sam3DTaskConfig(TaskConfig):
                 device=self.source.device,
                 cache_bytes=self.cache_bytes,
                 volume_cache_bytes=self.volume_cache_bytes,
+                max_crops=self.max_crops,
                 published_path=self.source.published,
                 rebuild=self.build_model,
             )
