@@ -43,7 +43,7 @@ def test_malformed_or_outside_clicks_are_rejected_with_a_reason(value, message):
 
 
 def test_a_request_needs_some_clicks_and_not_too_many():
-    with pytest.raises(InvalidRequest, match="no clicks"):
+    with pytest.raises(InvalidRequest, match="no foreground click"):
         validate_clicks({"foreground": [], "background": None}, SHAPE)
     with pytest.raises(InvalidRequest, match="at most"):
         validate_clicks({"foreground": [[1, 1, 1]] * (MAX_CLICKS + 1)}, SHAPE)

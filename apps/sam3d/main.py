@@ -4,7 +4,6 @@ import functools
 import logging
 import os
 import pathlib
-import tempfile
 import types
 from typing import Dict
 
@@ -18,14 +17,15 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.dice import Dice
 
+from lib.activelearning.recency import Random
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import Uncertain
 from lib.configs.sam3d import Sam3DTaskConfig
 from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import DICOMwebStudies, bounded_client
+from lib.endpoints import check_infer_request, install_endpoints, is_request_file
 from lib.settings import Settings
 from lib.transforms.clicks import InvalidRequest
 
@@ -46,13 +46,15 @@ def verify_tokens_with_pyjwt2() -> None:
         auth.jwt = types.SimpleNamespace(decode=functools.partial(jwt.decode, algorithms=TOKEN_ALGORITHMS))
 
 
-def limit_request_bodies(max_bytes: int) -> None:
-    """MONAI Label copies every upload (an image to segment, a label to save) to disk without a size limit, so
-    one client could fill the disk. FastAPI answers 413 to bodies over ``max_body_size``; MONAI Label creates its
-    server without one, and the app exists only after the server has built its middleware, so set the limit and
-    let the server rebuild its middleware on the next request (Starlette builds it when it is None)."""
+def configure_server(max_bytes: int) -> None:
+    """sam3d's endpoints in place of MONAI Label's (lib/endpoints.py), and a request body limit: MONAI Label
+    copies every upload to disk without one, so one client could fill the disk. FastAPI answers 413 to bodies
+    over ``max_body_size``; MONAI Label creates its server without one, and the app exists only after the server
+    has built its middleware, so set the limit and let the server rebuild its middleware on the next request
+    (Starlette builds it when it is None)."""
     from monailabel.app import app as server  # the FastAPI server that runs this app
 
+    install_endpoints(server)
     server.max_body_size = max_bytes
     server.middleware_stack = None
 
@@ -126,7 +128,7 @@ class Sam3DApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         # Only the server calls this (not MONAI Label's training subprocess), so only it warms up and serves.
-        limit_request_bodies(self.settings.max_upload_bytes)
+        configure_server(self.settings.max_upload_bytes)
         if self.task.warmup:
             self._infers[self.task.name].start_warm_up()
 
@@ -136,12 +138,14 @@ class Sam3DApp(MONAILabelApp):
         existing path, sent as an image id or in params, would let a request read files of the server."""
         if not os.path.isfile(image):
             return False
+        if is_request_file(image):
+            return True
         folder = os.path.realpath(os.path.dirname(os.path.realpath(image)))
         sessions = (settings.MONAI_LABEL_SESSION_PATH or "").strip() or os.path.join(
             pathlib.Path.home(), ".cache", "monailabel", "sessions"  # MONAI Label's default
         )
-        uploads, sessions = os.path.realpath(tempfile.gettempdir()), os.path.realpath(sessions)
-        return folder == uploads or folder == sessions or folder.startswith(sessions + os.sep)
+        sessions = os.path.realpath(sessions)
+        return folder == sessions or folder.startswith(sessions + os.sep)
 
     def train(self, request):
         # Runs in MONAI Label's training process, or in the server with run_sync: a bad request must then be a
@@ -154,9 +158,16 @@ class Sam3DApp(MONAILabelApp):
         except InvalidRequest as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
 
+    def next_sample(self, request):
+        if request.get("strategy") not in self._strategies:
+            detail = f"unknown strategy {request.get('strategy')!r}; this app has {list(self._strategies)}"
+            raise HTTPException(status_code=404, detail=detail)
+        return super().next_sample(request)
+
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
+        check_infer_request(request)
         image = request.get("image")
         datastore = datastore or self.datastore()
         upload = isinstance(image, str) and self.is_upload(image)

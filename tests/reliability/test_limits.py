@@ -26,8 +26,12 @@ def limited_server(tmp_path_factory, demo_studies, tiny_checkpoint):
             tiny_checkpoint[0], "--conf", "warmup", "false", "--conf", "max_upload_mb", str(LIMIT_MB)]
     app = copy_app(str(tmp_path_factory.mktemp("app")))
     proc, url = start_server(app, studies, conf, str(tmp_path_factory.mktemp("logs") / "server.log"), {"TMPDIR": temp})
-    yield url, studies, temp, set(os.listdir(temp))
+    yield url, studies, temp, files_under(temp)
     stop_server(proc)
+
+
+def files_under(folder):
+    return {os.path.join(root, name) for root, _, names in os.walk(folder) for name in names}
 
 
 def nifti(path, shape, dtype=np.int16):
@@ -63,6 +67,6 @@ def test_requests_under_the_limit_are_served_and_leave_no_temporary_files(limite
     mask, _ = client.infer("sam3d", "demo_ct_01", {"foreground": [[83, 73, 47]]})
     client.save_label("demo_ct_01", mask, tag="final")
     deadline = time.time() + 30
-    while set(os.listdir(temp)) != baseline:  # MONAI Label removes uploads and results after answering
-        assert time.time() < deadline, f"left in the server's temporary folder: {set(os.listdir(temp)) - baseline}"
+    while files_under(temp) != baseline:  # uploads and results are removed after answering
+        assert time.time() < deadline, f"left in the server's temporary folder: {files_under(temp) - baseline}"
         time.sleep(0.5)

@@ -16,20 +16,24 @@ import logging
 import os
 import re
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
+import numpy as np
 import SimpleITK as sitk
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
-from lib.files import atomic_copy, atomic_write, remove_partial_files
+from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
+from lib.activelearning.uncertain import is_score
+from lib.files import atomic_copy, atomic_write, remove_partial_files, sync_folder
 from lib.transforms.clicks import require_complete_nifti
 
 logger = logging.getLogger(__name__)
 
-SAFE_NAME = re.compile(r"^\w[\w.+-]*$")
+SAFE_NAME = re.compile(r"\w[\w.+-]*")
+MAX_NAME_BYTES = 128  # with an extension and a temporary file's prefix, a file name stays within 255 bytes
 
 
 def missing_is_404(method):
@@ -48,6 +52,16 @@ def require_json_object(info: Any) -> None:
         raise HTTPException(status_code=422, detail=f"info must be a JSON object, not {type(info).__name__}")
 
 
+def require_bookkeeping_types(info: Dict[str, Any]) -> None:
+    """Image info keys that MONAI Label's next-sample endpoint and the uncertain strategy read: another type
+    there (any annotator may write image info) would make every later next-sample a 500."""
+    strategies = info.get("strategy", {})
+    if not isinstance(strategies, dict) or not all(isinstance(v, dict) for v in strategies.values()):
+        raise HTTPException(status_code=422, detail="image info 'strategy' must map strategy names to objects")
+    if UNCERTAINTY_KEY in info and not is_score(info[UNCERTAINTY_KEY]):
+        raise HTTPException(status_code=422, detail=f"image info {UNCERTAINTY_KEY!r} must be a number in [0, 1]")
+
+
 class SafeLocalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, datastore_config: str = "datastore_v2.json", **kwargs):
         set_aside_unreadable(os.path.join(datastore_path, datastore_config))
@@ -63,12 +77,22 @@ class SafeLocalDatastore(LocalDatastore):
             for folder in [self._datastore_path, self._datastore.image_path(), labels, *tags]:
                 remove_partial_files(folder)
 
-    remove_image = missing_is_404(LocalDatastore.remove_image)
-    remove_label = missing_is_404(LocalDatastore.remove_label)
+    # A removal shows at once (MONAI Label leaves it to its file watcher when auto-reload is on): a training run
+    # started right after would otherwise be given a label that is gone.
+    @missing_is_404
+    def remove_image(self, image_id: str) -> None:
+        super().remove_image(image_id)
+        self.refresh()
+
+    @missing_is_404
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        super().remove_label(label_id, label_tag)
+        self.refresh()
 
     @missing_is_404
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         require_json_object(info)
+        require_bookkeeping_types(info)
         super().update_image_info(image_id, info)
 
     @missing_is_404
@@ -89,10 +113,19 @@ class SafeLocalDatastore(LocalDatastore):
         require_name("image id", image_id)
         require_json_object(image_info or {})
         require_volume(image_filename, f"the image {image_id}")
-        name = self._filename(image_id, ext)
-        logger.info(f"Adding image {image_id} => {name}")
+        logger.info(f"Adding image {image_id} ({ext})")
         with FileLock(self._lock_file):
-            atomic_copy(image_filename, os.path.join(self._datastore.image_path(), name))
+            # Labels belong to the scan they were drawn on: a new scan under the same id would inherit them.
+            labelled = self.label_files(image_id)
+            if labelled:
+                raise HTTPException(
+                    status_code=409,
+                    detail=f"image {image_id!r} has labels ({', '.join(labelled)}): delete the image first "
+                    "(DELETE /datastore/image) or upload the new scan under another id",
+                )
+            previous = self._datastore.objects.get(image_id)
+            name = self.replace_file(image_filename, self._datastore.image_path(), image_id, ext,
+                                     previous and previous.image)
             info = dict(image_info or {}, ts=int(time.time()), name=name)
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
             self._update_datastore_file(lock=False)
@@ -106,14 +139,36 @@ class SafeLocalDatastore(LocalDatastore):
         require_name("label tag", label_tag)
         require_label_of(label_filename, self.get_image_uri(image_id), image_id)
         _, ext = self._to_id(os.path.basename(label_filename))
-        name = self._filename(image_id, ext)
-        logger.info(f"Saving label {label_tag} of {image_id} => {name}")
+        logger.info(f"Saving label {label_tag} of {image_id} ({ext})")
         with FileLock(self._lock_file):
-            atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), name))
+            name = self.replace_file(label_filename, self._datastore.label_path(label_tag), image_id, ext,
+                                     entry.labels.get(label_tag))
             info = dict(label_info or {}, ts=int(time.time()), name=name)
             entry.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
         return image_id
+
+    def replace_file(self, source: str, folder: str, image_id: str, ext: str, previous: Optional[DataModel]) -> str:
+        """Store ``source`` as the file of ``image_id`` in ``folder``; returns its name. A previous file of
+        another extension (``.nii.gz`` replaced by ``.nrrd``) goes once the new one is in place: left, both
+        would be on disk and a restart would pick either."""
+        name = self._filename(image_id, ext)
+        atomic_copy(source, os.path.join(folder, name))
+        old_name = self._filename(image_id, previous.ext) if previous else name
+        if old_name != name and os.path.exists(os.path.join(folder, old_name)):
+            os.remove(os.path.join(folder, old_name))
+            sync_folder(folder)
+        return name
+
+    def label_files(self, image_id: str) -> List[str]:
+        """``tag/file`` of every label file of ``image_id`` on disk, listed in the datastore or not (a restart
+        would attach those that are not)."""
+        labels = self._datastore.label_path(None)
+        found = []
+        for tag in sorted(next(os.walk(labels))[1]):
+            found += [f"{tag}/{name}" for name in sorted(os.listdir(os.path.join(labels, tag)))
+                      if self._to_id(name)[0] == image_id]
+        return found
 
     def _update_datastore_file(self, lock=True):
         def write():
@@ -131,8 +186,11 @@ class SafeLocalDatastore(LocalDatastore):
 
 def require_name(kind: str, name: str) -> None:
     """Ids and tags become file and folder names: ``../x`` would write outside the datastore."""
-    if not SAFE_NAME.match(name or ""):
-        raise HTTPException(status_code=422, detail=f"{kind} {name!r}: use letters, digits and . _ + - (not first)")
+    if not SAFE_NAME.fullmatch(name or "") or len(name.encode()) > MAX_NAME_BYTES:
+        raise HTTPException(
+            status_code=422,
+            detail=f"{kind} {name[:40]!r}: use letters, digits and . _ + - (not first), {MAX_NAME_BYTES} bytes at most",
+        )
 
 
 def read_header(path: str, what: str) -> sitk.ImageFileReader:
@@ -171,6 +229,35 @@ def require_label_of(label_path: str, image_path: str, image_id: str) -> None:
     image = read_header(image_path, f"the stored image {image_id}")
     if label.GetSize() != image.GetSize():
         raise HTTPException(status_code=422, detail=f"{what} is {describe(label)}; the image is {describe(image)}")
+    offset = grid_offset(label, image)
+    if offset > GRID_TOLERANCE * min(image.GetSpacing()):
+        raise HTTPException(
+            status_code=422,
+            detail=f"{what} is not on the image's voxel grid: its corners lie up to {offset:.3g} mm from the "
+            f"image's (label {describe_grid(label)}; image {describe_grid(image)})",
+        )
+
+
+# How far (in voxels) a label's corners may lie from its image's: rounding of the affine by the file formats.
+GRID_TOLERANCE = 0.01
+
+
+def voxel_to_physical(header: sitk.ImageFileReader) -> np.ndarray:
+    direction = np.asarray(header.GetDirection()).reshape(3, 3)
+    return np.vstack([np.hstack([direction * header.GetSpacing(), np.asarray(header.GetOrigin())[:, None]]), [0, 0, 0, 1]])
+
+
+def grid_offset(label: sitk.ImageFileReader, image: sitk.ImageFileReader) -> float:
+    """The largest distance (mm) between where the label and the image put one of the volume's corners."""
+    corners = np.array([[i, j, k, 1] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+    corners[:, :3] *= np.asarray(image.GetSize()) - 1
+    return float(np.abs((voxel_to_physical(label) - voxel_to_physical(image)) @ corners.T).max())
+
+
+def describe_grid(header: sitk.ImageFileReader) -> str:
+    rounded = lambda values: [round(v, 3) for v in values]
+    return (f"origin {rounded(header.GetOrigin())}, spacing {rounded(header.GetSpacing())}, "
+            f"direction {rounded(header.GetDirection())}")
 
 
 def describe(header: sitk.ImageFileReader) -> str:

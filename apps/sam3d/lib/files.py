@@ -18,13 +18,24 @@ PARTIAL_PREFIX = ".partial-"
 PARTIAL_SUFFIX = ".tmp"
 
 
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# What a file created in the datastore would get (mkstemp's temporary files are 0600, readable by no one else).
+NEW_FILE_MODE = _new_file_mode()
+
+
 def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it into place and
-    flush the folder entry."""
+    flush the folder entry. The file keeps the mode of the one it replaces (a new one gets the umask's)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX)
     try:
+        os.fchmod(fd, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else NEW_FILE_MODE)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -68,6 +68,7 @@ OPTIONS: Dict[str, Tuple[Optional[str], str]] = {
     "warmup": ("true", "true or false"),
     "cache_mb": ("2048", "megabytes, 0 to 1e7"),
     "volume_cache_mb": ("1024", "megabytes, 0 to 1e7"),
+    "max_crops": ("16", "a whole number, 1 to 1000"),
     "max_upload_mb": ("2048", "megabytes, above 0"),
     "dicomweb_timeout": ("60", "seconds, above 0"),
 }
@@ -90,6 +91,7 @@ class Settings:
     warmup: bool
     cache_bytes: int
     volume_cache_bytes: int
+    max_crops: int
     max_upload_bytes: int
     dicomweb_timeout: float
 
@@ -130,6 +132,7 @@ class Settings:
             warmup=parse_bool(text["warmup"], what("warmup")),
             cache_bytes=int(parse_number(text["cache_mb"], what("cache_mb"), 0, 1e7) * MEGABYTE),
             volume_cache_bytes=int(parse_number(text["volume_cache_mb"], what("volume_cache_mb"), 0, 1e7) * MEGABYTE),
+            max_crops=int(parse_number(text["max_crops"], what("max_crops"), 1, 1000, integer=True)),
             max_upload_bytes=int(parse_number(text["max_upload_mb"], what("max_upload_mb"), 1e-6, 1e9) * MEGABYTE),
             dicomweb_timeout=parse_number(text["dicomweb_timeout"], what("dicomweb_timeout"), 1e-3, 1e6),
         )

@@ -16,6 +16,8 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.transforms.clicks import is_finite_number
+
 logger = logging.getLogger(__name__)
 
 INFO_KEY = "sam3d_uncertainty"
@@ -34,6 +36,10 @@ def mask_uncertainty(prob: torch.Tensor) -> float:
     return float(1 - 2 * prob[mask].sum() / total)
 
 
+def is_score(value: Any) -> bool:
+    return is_finite_number(value) and 0 <= value <= 1
+
+
 class Uncertain(Strategy):
     def __init__(self) -> None:
         super().__init__("The unlabelled image whose last sam3d mask was the least decisive")
@@ -43,7 +49,8 @@ class Uncertain(Strategy):
         if not images:
             return None
         scores = {image: datastore.get_image_info(image).get(INFO_KEY) for image in images}
-        scored = [image for image in images if scores[image] is not None]
+        # The info is writable by any annotator (PUT /datastore/image/info): only numbers in [0, 1] are scores.
+        scored = [image for image in images if is_score(scores[image])]
         if not scored:
             return {"id": images[0], "uncertainty": None}
         image = max(scored, key=lambda i: scores[i])

@@ -116,6 +116,7 @@ class Sam3DTaskConfig(TaskConfig):
         self.cache_bytes = settings.cache_bytes
         self.volume_cache_bytes = settings.volume_cache_bytes
         self.warmup = settings.warmup
+        self.max_crops = settings.max_crops
         self.network = self.build_model()
 
     def build_model(self):
@@ -139,6 +140,7 @@ class Sam3DTaskConfig(TaskConfig):
                 device=self.source.device,
                 cache_bytes=self.cache_bytes,
                 volume_cache_bytes=self.volume_cache_bytes,
+                max_crops=self.max_crops,
                 published_path=self.source.published,
                 rebuild=self.build_model,
             )

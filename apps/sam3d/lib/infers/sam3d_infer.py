@@ -46,6 +46,7 @@ class Sam3DInfer(BasicInferTask):
         device: str,
         cache_bytes: int,
         volume_cache_bytes: int,
+        max_crops: int,
         published_path: Optional[str] = None,
         rebuild: Optional[Callable[[], Sam3D]] = None,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
@@ -63,6 +64,7 @@ class Sam3DInfer(BasicInferTask):
         self.model = model.to(device)
         self.model_version = model_version
         self.device = device
+        self.max_crops = max_crops
         self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
         self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
         # Correction rounds (the previous predictions a refinement click builds on), 8 MiB each for a 128^3 crop:
@@ -168,6 +170,9 @@ class Sam3DInfer(BasicInferTask):
         volume = image[0].as_tensor().float()
         clicks = data["clicks"]
         crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size)
+        if len(crops) > self.max_crops:  # each crop is an encoder pass, which holds the model for every user
+            raise InvalidRequest(f"these clicks need {len(crops)} crops (clicks more than half a crop apart get one "
+                                 f"each); at most {self.max_crops} are run per request (--conf max_crops)")
         preset = self.preset_name(data)
 
         prob = torch.zeros(volume.shape)

@@ -5,14 +5,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.datastore import require_label_of, require_volume
 from lib.files import atomic_write
 from lib.model import save_sam3d
 from lib.model.build import ModelSource
@@ -36,6 +38,7 @@ class TrainingJob:
     backbone: str
     train: List[Dict[str, str]]  # {"image": path, "label": path}
     val: List[Dict[str, str]]
+    skipped: Dict[str, str]  # image file name -> why its pair is not used
     options: Dict[str, Any]
     publish_path: str
     stats_path: str
@@ -92,6 +95,7 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
         "val_one_click_nsd": float(np.mean([n for _, n in scores])) if scores else None,
         "train_images": len(job.train),
         "val_images": len(job.val),
+        "skipped": job.skipped,
         "published": job.publish_path,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -117,9 +121,17 @@ DEFAULT_OPTIONS = {
 OPTION_RANGES = {"steps": (1, 10**6), "learning_rate": (1e-8, 1.0), "val_split": (0.0, 0.5), "seed": (0, 2**32 - 1)}
 
 
+# Keys of MONAI Label's own in a train request: the model, and which GPUs the run may see.
+MONAI_LABEL_KEYS = ("model", "gpus")
+
+
 def training_options(defaults: Dict[str, Any], request: Dict[str, Any]) -> Dict[str, Any]:
     """The defaults with the request's values of the same options, each checked and given the default's type.
-    Other keys (MONAI Label adds its own, e.g. ``model``) are not options and are left out."""
+    A key that is neither an option nor MONAI Label's is refused: silently ignored, a misspelt or another
+    trainer's option (``max_epochs``) would train otherwise than asked."""
+    unknown = sorted(set(request) - set(defaults) - set(MONAI_LABEL_KEYS))
+    if unknown:
+        raise InvalidRequest(f"training option {unknown[0]!r} is unknown; the options are {sorted(defaults)}")
     options = dict(defaults)
     for name, default in defaults.items():
         if name in request:
@@ -136,6 +148,36 @@ def option_value(name: str, value: Any, default: Any) -> Any:
         return parse_number(value, what, lowest, highest, integer=isinstance(default, int))
     except ValueError as e:
         raise InvalidRequest(str(e)) from None
+
+
+def check_gpus(value: Any) -> None:
+    """MONAI Label passes ``gpus`` to the training process as CUDA_VISIBLE_DEVICES: anything but ``all`` or
+    indices of this machine's GPUs leaves the run without a process (not text) or without a GPU."""
+    count = torch.cuda.device_count()
+    if value in ("all", "", None):
+        return
+    indices = value.split(",") if isinstance(value, str) else []
+    if not indices or not all(i.strip().isdigit() and int(i) < count for i in indices):
+        raise InvalidRequest(f"training option gpus: {str(value)[:40]!r} is not 'all' or indices of this "
+                             f"server's {count} GPU(s), e.g. '0' or '0,1'")
+
+
+def usable_pairs(datalist: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], Dict[str, str]]:
+    """The (image, final label) pairs that pass the checks a saved label passes, sorted; and why the others do
+    not. A label damaged on disk (cut short: ITK reads it zero-filled) would otherwise teach the model that the
+    lesion's lost half is background."""
+    usable, skipped = [], {}
+    for pair in sorted(datalist, key=lambda d: d["image"]):
+        name = os.path.basename(pair["image"])
+        try:
+            require_volume(pair["image"], f"the image {name}")
+            require_label_of(pair["label"], pair["image"], name)
+        except HTTPException as e:
+            logger.warning(f"sam3d training: skipping {name}: {e.detail}")
+            skipped[name] = e.detail
+            continue
+        usable.append(pair)
+    return usable, skipped
 
 
 class Sam3DTrainer(TrainTask):
@@ -167,11 +209,19 @@ class Sam3DTrainer(TrainTask):
         with open(self.stats_path) as f:
             return json.load(f)
 
+    def check_request(self, request: Dict[str, Any], datastore: Datastore) -> None:
+        """Before a run is started for ``request``: what would make it fail at once (InvalidRequest)."""
+        training_options(self.options, request)
+        check_gpus(request.get("gpus", "all"))
+        if not datastore.datalist():
+            raise InvalidRequest("no images with a final label to train on: save some labels first")
+
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         options = training_options(self.options, request)
-        datalist = sorted(datastore.datalist(), key=lambda d: d["image"])
+        datalist, skipped = usable_pairs(datastore.datalist())
         if not datalist:
-            raise InvalidRequest("no images with a final label to train on: save some labels first")
+            unusable = f" ({len(skipped)} unusable: {skipped})" if skipped else ""
+            raise InvalidRequest(f"no images with a final label to train on{unusable}: save some labels first")
         order = np.random.default_rng(options["seed"]).permutation(len(datalist))
         n_val = int(round(len(datalist) * options["val_split"])) if len(datalist) > 1 else 0
         job = TrainingJob(
@@ -180,6 +230,7 @@ class Sam3DTrainer(TrainTask):
             backbone=self.backbone,
             train=[datalist[i] for i in order[n_val:]],
             val=[datalist[i] for i in order[:n_val]],
+            skipped=skipped,
             options=options,
             publish_path=self.publish_path,
             stats_path=self.stats_path,

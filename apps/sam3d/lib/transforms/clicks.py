@@ -54,8 +54,10 @@ def parse_clicks(value: Any, name: str, shape: Sequence[int]) -> np.ndarray:
 def validate_clicks(request: Dict[str, Any], shape: Sequence[int]) -> Dict[str, np.ndarray]:
     clicks = {name: parse_clicks(request.get(name), name, shape) for name in ("foreground", "background")}
     total = sum(len(c) for c in clicks.values())
-    if total == 0:
-        raise InvalidRequest("no clicks: give at least one 'foreground' click as [i, j, k] voxel indices")
+    # Background clicks only remove what a foreground click claims (README, Background clicks): alone they
+    # could only give an empty mask.
+    if len(clicks["foreground"]) == 0:
+        raise InvalidRequest("no foreground click: give at least one 'foreground' click as [i, j, k] voxel indices")
     if total > MAX_CLICKS:
         raise InvalidRequest(f"{total} clicks in one request; at most {MAX_CLICKS} are accepted")
     return clicks
@@ -69,9 +71,19 @@ class LoadImageOrRejectd(LoadImaged):
         name = os.path.basename(path)
         try:
             require_complete_nifti(path)
-            return super().__call__(data, reader)
+            loaded = super().__call__(data, reader)
         except (RuntimeError, OSError, ValueError, EOFError) as e:  # what ITK, nibabel and MONAI raise for bad files
             raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__}: {e})") from e
+        require_usable_grid(loaded[self.keys[0]].affine, name)
+        return loaded
+
+
+def require_usable_grid(affine: torch.Tensor, name: str) -> None:
+    """A voxel-to-world matrix that is not finite or maps the volume onto a plane (a header with a zero or NaN
+    affine) places no voxel anywhere: reorienting and resampling would fail on it."""
+    rotation_scale = affine[:3, :3].double()
+    if not torch.isfinite(rotation_scale).all() or abs(float(torch.linalg.det(rotation_scale))) < 1e-12:
+        raise InvalidRequest(f"the image {name} has no usable voxel grid: its affine is {rotation_scale.tolist()}")
 
 
 def gzip_trailer_size(path: str) -> int:
