@@ -121,8 +121,8 @@ DEFAULT_OPTIONS = {
 OPTION_RANGES = {"steps": (1, 10**6), "learning_rate": (1e-8, 1.0), "val_split": (0.0, 0.5), "seed": (0, 2**32 - 1)}
 
 
-# Keys of MONAI Label's own in a train request: the model, and which GPUs the run may see.
-MONAI_LABEL_KEYS = ("model", "gpus")
+# What MONAI Label puts into a train request itself (its client, the server, and the training process it starts).
+MONAI_LABEL_KEYS = ("model", "gpus", "local_rank", "bundle_path", "client_id")
 
 
 def training_options(defaults: Dict[str, Any], request: Dict[str, Any]) -> Dict[str, Any]:
