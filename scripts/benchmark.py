@@ -142,6 +142,18 @@ def model_figures(args) -> Dict[str, str]:
     rows["refinement click, cached (s)"], _ = timed(
         lambda: model.foreground_probability(encoding, refine), args.repeats, "refinement"
     )
+    # A correction-trained model's refinement: one decoder round that also reads the previous mask; the
+    # authors' checkpoints take a background click through the rule instead (two decoder passes).
+    both, labels = torch.cat([clicks, refine]), torch.tensor([1, 0], device=device)
+    previous = torch.randn((size,) * 3, device=device)
+
+    @torch.no_grad()
+    def background_click(correction_trained: bool) -> torch.Tensor:
+        model.correction_trained = correction_trained
+        return model.click_logits(encoding, both, labels, previous if correction_trained else None)
+
+    rows["correction round with the previous mask (s)"], _ = timed(lambda: background_click(True), args.repeats, "round")
+    rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), args.repeats, "rule")
     if reference:
         rows["reference forward (s)"], reference_prob = timed(lambda: reference.predict(crop, clicks), args.repeats, "reference")
         rows["first click speed-up vs reference"] = rows["reference forward (s)"] / rows["first click (s)"]
