@@ -200,6 +200,15 @@ def test_a_2d_image_is_a_422(client, tmp_path):
         client.infer("sam3d", "", {"foreground": [[1, 1]]}, file=str(path))
 
 
+def test_a_small_file_that_would_resample_to_gigabytes_is_a_422_before_it_is_built(client, tmp_path):
+    """32^3 voxels of 40 mm (a small file) would be 1241^3 voxels at the presets' 1 mm: 7 GiB in float32."""
+    path = tmp_path / "coarse.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.int16), np.diag([40.0, 40.0, 40.0, 1.0])), path)
+    with pytest.raises(MONAILabelClientException, match="422.*1241x1241x1241.*256 million.*max_megavoxels"):
+        client.infer("sam3d", "", {"foreground": [[16, 16, 16]]}, file=str(path))
+    assert client.info()["models"]["sam3d"]  # the server is still there
+
+
 @pytest.mark.parametrize("preset", ["kits", "mr"])
 def test_a_few_nan_and_infinite_voxels_do_not_spoil_the_mask(client, server, tmp_path, preset):
     # NRRD, because ITK's NIfTI reader already zeroes non-finite voxels.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from lib.model import CONFIGS
-from lib.transforms.presets import PRESETS
+from lib.transforms.presets import DEFAULT_MAX_MEGAVOXELS, PRESETS
 
 TRUE_TEXTS, FALSE_TEXTS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -69,6 +69,7 @@ OPTIONS: Dict[str, Tuple[Optional[str], str]] = {
     "cache_mb": ("2048", "megabytes, 0 to 1e7"),
     "volume_cache_mb": ("1024", "megabytes, 0 to 1e7"),
     "max_crops": ("16", "a whole number, 1 to 1000"),
+    "max_megavoxels": (str(DEFAULT_MAX_MEGAVOXELS), "millions of voxels, 1 to 1e5"),
     "max_upload_mb": ("2048", "megabytes, above 0"),
     "dicomweb_timeout": ("60", "seconds, above 0"),
 }
@@ -92,6 +93,7 @@ class Settings:
     cache_bytes: int
     volume_cache_bytes: int
     max_crops: int
+    max_megavoxels: float
     max_upload_bytes: int
     dicomweb_timeout: float
 
@@ -133,6 +135,7 @@ class Settings:
             cache_bytes=int(parse_number(text["cache_mb"], what("cache_mb"), 0, 1e7) * MEGABYTE),
             volume_cache_bytes=int(parse_number(text["volume_cache_mb"], what("volume_cache_mb"), 0, 1e7) * MEGABYTE),
             max_crops=int(parse_number(text["max_crops"], what("max_crops"), 1, 1000, integer=True)),
+            max_megavoxels=parse_number(text["max_megavoxels"], what("max_megavoxels"), 1, 1e5),
             max_upload_bytes=int(parse_number(text["max_upload_mb"], what("max_upload_mb"), 1e-6, 1e9) * MEGABYTE),
             dicomweb_timeout=parse_number(text["dicomweb_timeout"], what("dicomweb_timeout"), 1e-3, 1e6),
         )

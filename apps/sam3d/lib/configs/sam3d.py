@@ -117,6 +117,7 @@ class Sam3DTaskConfig(TaskConfig):
         self.volume_cache_bytes = settings.volume_cache_bytes
         self.warmup = settings.warmup
         self.max_crops = settings.max_crops
+        self.max_megavoxels = settings.max_megavoxels
         self.network = self.build_model()
 
     def build_model(self):
@@ -141,6 +142,7 @@ class Sam3DTaskConfig(TaskConfig):
                 cache_bytes=self.cache_bytes,
                 volume_cache_bytes=self.volume_cache_bytes,
                 max_crops=self.max_crops,
+                max_megavoxels=self.max_megavoxels,
                 published_path=self.source.published,
                 rebuild=self.build_model,
             )

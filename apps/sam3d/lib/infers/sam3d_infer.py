@@ -47,6 +47,7 @@ class Sam3DInfer(BasicInferTask):
         cache_bytes: int,
         volume_cache_bytes: int,
         max_crops: int,
+        max_megavoxels: float,
         published_path: Optional[str] = None,
         rebuild: Optional[Callable[[], Sam3D]] = None,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
@@ -65,6 +66,7 @@ class Sam3DInfer(BasicInferTask):
         self.model_version = model_version
         self.device = device
         self.max_crops = max_crops
+        self.max_megavoxels = max_megavoxels
         self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
         self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
         # Correction rounds (the previous predictions a refinement click builds on), 8 MiB each for a 128^3 crop:
@@ -149,7 +151,7 @@ class Sam3DInfer(BasicInferTask):
             EnsureChannelFirstd(keys="image"),
             RequireSingleChannel3Dd(keys="image"),
             ReplaceNonFinited(keys="image"),
-            *spatial_transforms(preset),
+            *spatial_transforms(preset, max_megavoxels=self.max_megavoxels),
             *intensity_transforms(preset),
         ]
         return [

@@ -59,11 +59,19 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-def spatial_transforms(preset: Preset, keys=("image",), modes=("bilinear",)) -> list:
-    """Reorient to the model's axes and resample to the preset spacing (labels: ``modes`` "nearest")."""
+# The largest image at the model's spacing that pre-processing will make: 1 GiB in float32, more than a
+# whole-body CT at 1 mm (about 120 million voxels).
+DEFAULT_MAX_MEGAVOXELS = 256
+
+
+def spatial_transforms(
+    preset: Preset, keys=("image",), modes=("bilinear",), max_megavoxels: float = DEFAULT_MAX_MEGAVOXELS
+) -> list:
+    """Reorient to the model's axes and resample to the preset spacing (labels: ``modes`` "nearest"); an
+    image that would exceed ``max_megavoxels`` million voxels there is refused before anything is allocated."""
     return [
         Orientationd(keys=keys, axcodes=MODEL_AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        SeparableSpacingd(keys=keys, pixdim=preset.spacing, mode=modes),
+        SeparableSpacingd(keys=keys, pixdim=preset.spacing, mode=modes, max_voxels=int(max_megavoxels * 1e6)),
     ]
 
 

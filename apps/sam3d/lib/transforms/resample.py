@@ -1,6 +1,7 @@
 """Resampling between the image's own grid and the model's: to the preset spacing, and the prediction back."""
 
 import itertools
+import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -8,6 +9,8 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Spacing, SpatialResample
+
+from .clicks import InvalidRequest
 
 
 def original_support(
@@ -87,10 +90,15 @@ class SeparableSpacingd(MapTransform):
     (geometry only); a grid that would not map axis to axis is left to ``Spacing`` itself.
     """
 
-    def __init__(self, keys: KeysCollection, pixdim: Sequence[float], mode: Sequence[str] = ("bilinear",)) -> None:
+    def __init__(
+        self, keys: KeysCollection, pixdim: Sequence[float], mode: Sequence[str] = ("bilinear",), max_voxels: int = 0
+    ) -> None:
+        """max_voxels: refuse (InvalidRequest) an output grid larger than this before allocating it; 0: no bound.
+        A small file at a coarse spacing can ask for gigabytes at the model's spacing (cost grows as spacing³)."""
         super().__init__(keys)
         self.spacing = {m: Spacing(pixdim=pixdim, mode=m, dtype=torch.float32) for m in set(mode)}
         self.modes = dict(zip(self.keys, mode))
+        self.max_voxels = max_voxels
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         d = dict(data)
@@ -103,6 +111,11 @@ class SeparableSpacingd(MapTransform):
         planned = spacing(image, lazy=True)  # the output affine and shape, nothing resampled
         out_affine = planned.peek_pending_affine().double()
         out_shape = [int(n) for n in planned.peek_pending_shape()]
+        if self.max_voxels and math.prod(out_shape) > self.max_voxels:
+            raise InvalidRequest(
+                f"the image resampled to the model's spacing would be {'x'.join(map(str, out_shape))} voxels, "
+                f"beyond the bound of {self.max_voxels / 1e6:g} million (--conf max_megavoxels)"
+            )
         in_to_out = torch.linalg.solve(image.peek_pending_affine().double(), out_affine)  # output index -> input
         scale, offset = in_to_out.diagonal()[:3], in_to_out[:3, 3]
         if (in_to_out[:3, :3] - torch.diag(scale)).abs().max() > 1e-6:
