@@ -40,3 +40,6 @@ def test_the_python_example_runs_and_reuses_the_encoding(demo_server, tmp_path):
                          capture_output=True, text=True, timeout=300).stdout
     first, refined = out.splitlines()
     assert "encoder runs:" in first and "cache hits: 1" in refined, out
+    for line in (first, refined):  # the client's own copies, in the default temporary folder: still there
+        path = line.split()[0]
+        assert nib.load(path).shape == (128, 128, 96), line
