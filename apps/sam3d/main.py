@@ -164,6 +164,15 @@ class Sam3DApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=detail)
         return super().next_sample(request)
 
+    @staticmethod
+    def deleted_meanwhile(datastore: Datastore, image: str) -> bool:
+        """A stored image whose file went away while its click was on the way (a folder datastore only: asking a
+        DICOMweb datastore would fetch the series again)."""
+        if not isinstance(datastore, SafeLocalDatastore):
+            return False
+        uri = datastore.get_image_uri(image)
+        return not (uri and os.path.exists(uri))
+
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
@@ -177,6 +186,8 @@ class Sam3DApp(MONAILabelApp):
         try:
             result = super().infer(request, datastore)
         except InvalidRequest as e:
+            if stored and self.deleted_meanwhile(datastore, image):
+                raise HTTPException(status_code=404, detail=f"image {image!r} was deleted from the datastore") from e
             raise HTTPException(status_code=422, detail=str(e)) from e
         uncertainty = (result.get("params") or {}).get("uncertainty")
         if uncertainty is not None and stored:

@@ -73,7 +73,9 @@ class LoadImageOrRejectd(LoadImaged):
             require_complete_nifti(path)
             loaded = super().__call__(data, reader)
         except (RuntimeError, OSError, ValueError, EOFError) as e:  # what ITK, nibabel and MONAI raise for bad files
-            raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__}: {e})") from e
+            # The readers' first line says why; later lines list every reader with the server's path.
+            reason = (str(e).strip().splitlines() or [""])[0].replace(os.path.dirname(path) + os.sep, "")
+            raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__}: {reason})") from e
         require_usable_grid(loaded[self.keys[0]].affine, name)
         return loaded
 
