@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -62,11 +63,29 @@ def require_bookkeeping_types(info: Dict[str, Any]) -> None:
         raise HTTPException(status_code=422, detail=f"image info {UNCERTAINTY_KEY!r} must be a number in [0, 1]")
 
 
+def one_thread_at_a_time(method):
+    """MONAI Label keeps the datastore's index in a dict that a click (its info update, in the server's thread
+    pool) and a removal (a refresh, iterating it) change at once: "dictionary changed size during iteration", a
+    500. The methods that change or rebuild the index take turns."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._index_lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class SafeLocalDatastore(LocalDatastore):
     def __init__(self, datastore_path: str, datastore_config: str = "datastore_v2.json", **kwargs):
+        self._index_lock = threading.RLock()  # before LocalDatastore's own start-up refreshes the index
         set_aside_unreadable(os.path.join(datastore_path, datastore_config))
         super().__init__(datastore_path, datastore_config=datastore_config, **kwargs)
         self.remove_partial_files()
+
+    @one_thread_at_a_time
+    def refresh(self):
+        super().refresh()
 
     def remove_partial_files(self) -> None:
         """Temporary files left by a killed writer. Under the datastore's lock: MONAI Label opens the datastore
@@ -80,22 +99,26 @@ class SafeLocalDatastore(LocalDatastore):
     # A removal shows at once (MONAI Label leaves it to its file watcher when auto-reload is on): a training run
     # started right after would otherwise be given a label that is gone.
     @missing_is_404
+    @one_thread_at_a_time
     def remove_image(self, image_id: str) -> None:
         super().remove_image(image_id)
         self.refresh()
 
     @missing_is_404
+    @one_thread_at_a_time
     def remove_label(self, label_id: str, label_tag: str) -> None:
         super().remove_label(label_id, label_tag)
         self.refresh()
 
     @missing_is_404
+    @one_thread_at_a_time
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         require_json_object(info)
         require_bookkeeping_types(info)
         super().update_image_info(image_id, info)
 
     @missing_is_404
+    @one_thread_at_a_time
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         require_json_object(info)
         super().update_label_info(label_id, label_tag, info)
@@ -107,6 +130,7 @@ class SafeLocalDatastore(LocalDatastore):
 
     # The two methods below keep LocalDatastore's bookkeeping (ids, names, info, lock); they check what they are
     # given and write the file atomically.
+    @one_thread_at_a_time
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         default_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or default_id
@@ -131,6 +155,7 @@ class SafeLocalDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         return image_id
 
+    @one_thread_at_a_time
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         entry = self._datastore.objects.get(image_id)
         if not entry:
