@@ -111,7 +111,7 @@ class Settings:
         backbone = text["backbone"] and parse_choice(text["backbone"], what("backbone"), BACKBONES)
         checkpoint = text["checkpoint"]
         if checkpoint is None:  # nothing asked: the demo, unless a backbone was chosen to train from scratch
-            checkpoint = DEMO if backbone in (None, "tiny") and "backbone" not in conf else None
+            checkpoint = DEMO if "backbone" not in conf else None
         elif checkpoint == NO_FILE:
             checkpoint = None
         if checkpoint == DEMO and backbone not in (None, "tiny"):
