@@ -1,7 +1,7 @@
 """Demo weights: the tiny configuration trained on generated phantoms, made once at the first start that needs
 them, so that a new user's clicks on the demo studies give masks on the lesions.
 
-They are trained on phantoms drawn from a seed of their own, never on the demo studies, and are labelled as demo
+They are trained on phantoms drawn by ``random_studies``, never on the demo studies, and are labelled as demo
 weights on every surface (``lib/model/build.py`` ``describe_weights``): they know phantoms, not patients.
 """
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 DEMO_FILE = "sam3d_demo_tiny.pt"
 DEMO_PRESET = "kits"  # the server's default preset, which the demo click uses
 # The recipe of the learning test (tests/test_learning.py): about 70 s on 2 CPU cores, and one click on each
-# held-out demo lesion gives a Dice of about 0.85 (0.81-0.91 per lesion).
+# held-out demo lesion gives a Dice of about 0.88 (docs/evaluation.md).
 DEMO_STUDIES = 12
 DEMO_STEPS = 400
 DEMO_LEARNING_RATE = 1e-3
@@ -43,8 +43,9 @@ def demo_weights(model_dir: str) -> str:
     with tempfile.TemporaryDirectory(prefix="sam3d-demo-phantoms-") as folder:
         studies = random_studies(DEMO_STUDIES)  # drawn apart from the fixed demo studies
         write_studies(folder, studies=studies)
+        labels = os.path.join(folder, "labels", "final")
         volumes = [
-            load_labelled(os.path.join(folder, f"{s.name}.nii.gz"), os.path.join(folder, "labels", "final", f"{s.name}.nii.gz"), DEMO_PRESET)
+            load_labelled(os.path.join(folder, f"{s.name}.nii.gz"), os.path.join(labels, f"{s.name}.nii.gz"), DEMO_PRESET)
             for s in studies
         ]
     torch.manual_seed(0)

@@ -75,10 +75,6 @@ def sam_checkpoint_path(setting: str, backbone: str, model_dir: str) -> Optional
     return path
 
 
-# bfloat16 on CPUs with bf16 units: see docs/benchmarks.md for the speed and the masks it gives.
-AUTO_BFLOAT16_ON_CPU = True
-
-
 def cpu_has_bfloat16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -89,8 +85,9 @@ def model_source(settings: Settings, model_dir: str) -> ModelSource:
     checkpoint = demo_weights(model_dir) if settings.checkpoint == DEMO else settings.checkpoint
     published = os.path.join(model_dir, PUBLISHED_MODEL)
     backbone = resolve_backbone(served_file(published, checkpoint), settings.backbone)
+    # auto: bfloat16 on GPUs and on CPUs with bf16 units (docs/benchmarks.md: the speed and the masks it gives)
     bfloat16 = settings.precision == "bfloat16" or (
-        settings.precision == "auto" and (settings.on_gpu or AUTO_BFLOAT16_ON_CPU and cpu_has_bfloat16())
+        settings.precision == "auto" and (settings.on_gpu or cpu_has_bfloat16())
     )
     return ModelSource(
         published=published,

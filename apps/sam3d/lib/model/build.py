@@ -243,6 +243,7 @@ class ModelSource:
     device: str
 
     def build(self, device: Optional[str] = None) -> Sam3D:
-        model = build_sam3d(checkpoint=served_file(self.published, self.checkpoint), backbone=self.backbone, sam_checkpoint=self.sam_checkpoint)
+        checkpoint = served_file(self.published, self.checkpoint)
+        model = build_sam3d(checkpoint=checkpoint, backbone=self.backbone, sam_checkpoint=self.sam_checkpoint)
         model.bfloat16 = self.bfloat16
         return model.to(device or self.device)

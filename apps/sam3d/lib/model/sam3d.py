@@ -76,7 +76,7 @@ class Sam3D(nn.Module):
         # and each click sees the previous prediction. Otherwise (the authors' checkpoints) background clicks act
         # through exclude_background and all clicks are decoded at once.
         self.correction_trained = False
-        # bfloat16 autocast: the default on GPUs; on CPUs with bf16 units an opt-in (outputs differ slightly).
+        # bfloat16 autocast: set by the app's precision setting (outputs differ slightly from float32).
         self.bfloat16 = False
 
     def autocast(self) -> torch.autocast:
