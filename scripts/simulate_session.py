@@ -62,7 +62,7 @@ logger = logging.getLogger("simulate_session")
 MODEL = "sam3d"
 COLUMNS = [
     "session", "strategy", "train_every", "order", "case", "lesion", "kind", "clicks", "reached", "dice",
-    "model_seconds", "seconds", "weights", "weights_labels", "runs_finished",
+    "dice_per_click", "model_seconds", "seconds", "weights", "weights_labels", "runs_finished",
 ]
 STRATEGIES = ("uncertain", "random", "first")
 
@@ -130,23 +130,22 @@ class Radiologist:
         """Clicks one lesion (its own segment) until the target or the cap: the row's figures."""
         prediction = np.zeros_like(lesion)
         foreground, background = [], []
-        score, model_seconds, start = 0.0, 0.0, time.time()
+        curve, model_seconds, start = [], 0.0, time.time()
         for _ in range(self.args.max_clicks):
-            click = protocol_click(prediction, lesion, spacing)
-            if click is None:  # nothing left to correct
-                break
-            point, positive = click
+            # Never None here: a mask without error has Dice 1, which ended the loop.
+            point, positive = protocol_click(prediction, lesion, spacing)
             (foreground if positive else background).append([int(v) for v in point])
             prediction, seconds = self.click(case, foreground, background)
             model_seconds += seconds
-            score = dice(prediction, lesion)
-            if score >= self.args.target:
+            curve.append(dice(prediction, lesion))
+            if curve[-1] >= self.args.target:
                 break
         weights, weights_labels = self.weights()
         return {
-            "clicks": len(foreground) + len(background),
-            "reached": int(score >= self.args.target),
-            "dice": round(score, 4),
+            "clicks": len(curve),
+            "reached": int(curve[-1] >= self.args.target),
+            "dice": round(curve[-1], 4),
+            "dice_per_click": " ".join(f"{d:.4f}" for d in curve),
             "model_seconds": round(model_seconds, 3),
             "seconds": round(time.time() - start, 2),
             "weights": weights,
@@ -381,20 +380,30 @@ def mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def clicks_to(row: Dict, target: float) -> int:
+    """The clicks the lesion needed to reach ``target``, up to the session's own target: its curve ran until
+    that was reached (or the cap), so it holds every lower target's first crossing."""
+    curve = [float(d) for d in row["dice_per_click"].split()]
+    return next((k for k, d in enumerate(curve, 1) if d >= target), len(curve))
+
+
+def first_click_dice(rows: List[Dict]) -> float:
+    return mean(float(r["dice_per_click"].split()[0]) for r in rows)
+
+
 def session_figures(rows: List[Dict]) -> Dict[str, float]:
     parts = thirds(rows)
     return {
         "cases": len({r["case"] for r in rows}),
         "lesions": len(rows),
         "clicks": mean(r["clicks"] for r in rows),
-        "clicks_first_third": mean(r["clicks"] for r in parts[0]),
-        "clicks_middle_third": mean(r["clicks"] for r in parts[1]),
-        "clicks_last_third": mean(r["clicks"] for r in parts[2]),
         "reached": mean(r["reached"] for r in rows),
         "dice": mean(r["dice"] for r in rows),
         "model_seconds": mean(r["model_seconds"] for r in rows),
         "served_by_trained": sum(r["weights_labels"] > 0 for r in rows),
         "runs_finished": max(r["runs_finished"] for r in rows),
+        "clicks_thirds": [mean(r["clicks"] for r in part) for part in parts],
+        "first_dice_thirds": [first_click_dice(part) for part in parts],
     }
 
 
@@ -402,37 +411,56 @@ def sessions_of(rows: List[Dict]) -> Dict[str, List[Dict]]:
     return {name: [r for r in rows if r["session"] == name] for name in dict.fromkeys(r["session"] for r in rows)}
 
 
-def summary(rows: List[Dict], command: str, target: float, max_clicks: int) -> str:
+def table(header: List[str], lines: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(c) + " |" for c in lines]
+
+
+def summary(rows: List[Dict], command: str, target: float, max_clicks: int, lower: List[float]) -> str:
+    figures = {name: session_figures(chosen) for name, chosen in sessions_of(rows).items()}
+    overall = table(
+        ["session", "cases", "lesions", "clicks needed (mean)", "reached target", "final Dice", "model s per lesion",
+         "lesions served by trained weights", "training runs finished"],
+        [[name, str(f["cases"]), str(f["lesions"]), f"{f['clicks']:.2f}", f"{f['reached']:.0%}", f"{f['dice']:.3f}",
+          f"{f['model_seconds']:.2f}", str(f["served_by_trained"]), str(f["runs_finished"])]
+         for name, f in figures.items()],
+    )
+    by_third = table(
+        ["session", "clicks needed: first third", "middle third", "last third", "Dice after one click: first third",
+         "middle third", "last third"],
+        [[name, *(f"{c:.2f}" for c in f["clicks_thirds"]), *(f"{d:.3f}" for d in f["first_dice_thirds"])]
+         for name, f in figures.items()],
+    )
+    lower_rows = []
+    for name, chosen in sessions_of(rows).items():
+        for t in sorted(lower, reverse=True):
+            lower_rows.append([name, f"{t}", *(f"{mean(clicks_to(r, t) for r in part):.2f}" for part in thirds(chosen))])
+    comparisons = []
+    for name, f in figures.items():
+        strategy, every = name.rsplit("_", 1)
+        off = figures.get(f"{strategy}_off")
+        if every != "off" and off:
+            on_last, off_last = f["clicks_thirds"][2], off["clicks_thirds"][2]
+            comparisons.append(f"- {strategy}: the last third needs {on_last:.2f} clicks per lesion training "
+                               f"{every.replace('every', 'every ')} labels against {off_last:.2f} with training off: "
+                               f"{on_last / off_last:.2f} times as many.")
     lines = [
         "# Simulated annotation session",
         "",
         f"`{command}`",
         "",
         f"Clicks needed per lesion to reach Dice {target} (at most {max_clicks}; a lesion that never reaches it "
-        "counts its clicks), by the challenge protocol through the server's REST API. Thirds: the lesions of the "
-        "first, middle and last third of the cases, in the order annotated. Every figure is computed from "
-        "session.csv.",
+        "counts its clicks), by the challenge protocol through the server's REST API; every figure is computed "
+        "from session.csv.",
         "",
-        "| session | cases | lesions | clicks (mean) | first third | middle third | last third | reached target | "
-        "final Dice | model s per lesion | lesions served by trained weights | training runs finished |",
-        "|" + " --- |" * 12,
+        *overall,
+        "",
+        "By the third of the cases (in the order annotated) the lesion belongs to:",
+        "",
+        *by_third,
     ]
-    figures = {name: session_figures(chosen) for name, chosen in sessions_of(rows).items()}
-    for name, f in figures.items():
-        lines.append(
-            f"| {name} | {f['cases']} | {f['lesions']} | {f['clicks']:.2f} | {f['clicks_first_third']:.2f} | "
-            f"{f['clicks_middle_third']:.2f} | {f['clicks_last_third']:.2f} | {f['reached']:.0%} | {f['dice']:.3f} | "
-            f"{f['model_seconds']:.2f} | {f['served_by_trained']} | {f['runs_finished']} |"
-        )
-    comparisons = []
-    for name, f in figures.items():
-        strategy, every = name.rsplit("_", 1)
-        off = figures.get(f"{strategy}_off")
-        if every != "off" and off:
-            ratio = f["clicks_last_third"] / off["clicks_last_third"]
-            comparisons.append(f"- {strategy}: the last third needs {f['clicks_last_third']:.2f} clicks per lesion "
-                               f"training {every.replace('every', 'every ')} labels against {off['clicks_last_third']:.2f} "
-                               f"with training off: {ratio:.2f} times as many.")
+    if lower_rows:
+        lines += ["", "Clicks needed for lower targets (from each lesion's Dice after every click):", "",
+                  *table(["session", "target", "first third", "middle third", "last third"], lower_rows)]
     if comparisons:
         lines += ["", "Training on against off:", "", *comparisons]
     return "\n".join(lines) + "\n"
@@ -474,12 +502,12 @@ def plot(rows: List[Dict], path: str, window: int = 5) -> None:
     plt.close(fig)
 
 
-def write_record(out: str, command: str, target: float, max_clicks: int) -> None:
+def write_record(out: str, command: str, target: float, max_clicks: int, lower: List[float]) -> None:
     rows = read_rows(os.path.join(out, "session.csv"))
     if not rows:
         return
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary(rows, command, target, max_clicks))
+        f.write(summary(rows, command, target, max_clicks, lower))
     plot(rows, os.path.join(out, "session.png"))
 
 
@@ -491,6 +519,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("data", help="MSD-layout folder (imagesTr/labelsTr) or MONAI Label studies folder")
     parser.add_argument("--out", default="results/session", help="folder for session.csv, summary.md, session.png")
     parser.add_argument("--target", type=float, default=0.9, help="the Dice at which a lesion is done")
+    parser.add_argument("--lower-targets", type=float, nargs="*", default=[], metavar="DICE",
+                        help="also report the clicks needed for these lower Dice targets (from the same clicks)")
     parser.add_argument("--max-clicks", type=int, default=10, help="the clicks a lesion gets at most")
     parser.add_argument("--train-every", type=int, nargs="+", default=[5, 0], metavar="K",
                         help="train after every K saved labels, 0 = never; one session per value (default: 5 0)")
@@ -507,8 +537,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="the first N cases of DATA only")
     parser.add_argument("--resume", action="store_true", help="go on with the sessions recorded in --out")
     args = parser.parse_args(argv)
-    if not 0 < args.target <= 1 or args.max_clicks < 1 or args.train_steps < 1 or min(args.train_every) < 0:
-        parser.error("--target in (0, 1], --max-clicks and --train-steps at least 1, --train-every at least 0")
+    if not 0 < args.target <= 1 or any(not 0 < t < args.target for t in args.lower_targets) or args.max_clicks < 1 or args.train_steps < 1 or min(args.train_every) < 0:
+        parser.error("--target in (0, 1], --lower-targets in (0, target), --max-clicks and --train-steps at least 1, --train-every at least 0")
     return args
 
 
@@ -542,7 +572,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 run_session(args, strategy, every, cases, rows, writer, demo_from)
     finally:
         writer.close()
-        write_record(args.out, command, args.target, args.max_clicks)
+        write_record(args.out, command, args.target, args.max_clicks, args.lower_targets)
     logger.info(f"wrote {csv_path}, summary.md and session.png")
 
 

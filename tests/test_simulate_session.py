@@ -69,14 +69,17 @@ def test_a_short_session_trains_and_serves_what_it_trained(msd_folder, tmp_path)
     final = out / "sessions" / "first_every2" / "studies" / "labels" / "final"
     assert sorted(name[: -len(".nii.gz")] for name in os.listdir(final)) == cases
 
-    # The summary's figures are those of the csv.
+    # The summary's figures are those of the csv: the session's row of each table.
     summary = (out / "summary.md").read_text()
-    row = next(line for line in summary.splitlines() if line.startswith("| first_every2 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
+    overall, by_third = ([c.strip() for c in line.strip("|").split("|")]
+                         for line in summary.splitlines() if line.startswith("| first_every2 |"))
     clicks = [int(r["clicks"]) for r in rows]
-    last_third = [int(r["clicks"]) for r in by_order["3"]]
-    assert cells[1:4] == [str(CASES), str(len(rows)), f"{np.mean(clicks):.2f}"]
-    assert cells[6] == f"{np.mean(last_third):.2f}"
-    assert cells[8] == f"{np.mean([float(r['dice']) for r in rows]):.3f}"
-    assert cells[10:] == [str(len(by_order["3"])), "1"]
+    assert overall[1:4] == [str(CASES), str(len(rows)), f"{np.mean(clicks):.2f}"]
+    assert overall[5] == f"{np.mean([float(r['dice']) for r in rows]):.3f}"
+    assert overall[7:] == [str(len(by_order["3"])), "1"]
+    assert by_third[3] == f"{np.mean([int(r['clicks']) for r in by_order['3']]):.2f}"
+    assert by_third[6] == f"{np.mean([float(r['dice_per_click'].split()[0]) for r in by_order['3']]):.3f}"
+    for r in rows:  # the Dice after each click, the last being the Dice reached
+        curve = [float(d) for d in r["dice_per_click"].split()]
+        assert len(curve) == int(r["clicks"]) and curve[-1] == pytest.approx(float(r["dice"]), abs=1e-4)
     assert (out / "session.png").stat().st_size > 0
