@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import torch
 from monai.transforms import EnsureChannelFirstd, LoadImaged
 
-from lib.transforms.clicks import ReplaceNonFinited
+from lib.transforms.loading import ReplaceNonFinited
 from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
 
 

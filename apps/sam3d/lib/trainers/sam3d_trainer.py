@@ -19,7 +19,7 @@ from lib.files import atomic_write
 from lib.model import save_sam3d
 from lib.model.build import ModelSource
 from lib.settings import parse_bool, parse_number
-from lib.transforms.clicks import InvalidRequest
+from lib.errors import InvalidRequest
 from lib.transforms.presets import PRESETS
 
 from .data import load_labelled

@@ -5,22 +5,17 @@ the image as stored, which is how MONAI's ITK loader indexes the array. After th
 resampled, a click follows the same affine change, so image and clicks cannot drift apart.
 """
 
-import gzip
 import math
-import os
 from typing import Any, Dict, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import LoadImaged, MapTransform
+from monai.transforms import MapTransform
+
+from lib.errors import InvalidRequest
 
 MAX_CLICKS = 1000  # per request, foreground and background together
-
-
-class InvalidRequest(ValueError):
-    """A request that can never succeed as sent; the server answers it with a 4xx and this message."""
 
 
 def is_finite_number(value: Any) -> bool:
@@ -61,83 +56,6 @@ def validate_clicks(request: Dict[str, Any], shape: Sequence[int]) -> Dict[str, 
     if total > MAX_CLICKS:
         raise InvalidRequest(f"{total} clicks in one request; at most {MAX_CLICKS} are accepted")
     return clicks
-
-
-class LoadImageOrRejectd(LoadImaged):
-    """MONAI's loader, but a file that no reader can read is the request's fault (4xx), not the server's."""
-
-    def __call__(self, data, reader=None):
-        path = str(data.get(self.keys[0]))
-        name = os.path.basename(path)
-        try:
-            require_complete_nifti(path)
-            loaded = super().__call__(data, reader)
-        except (RuntimeError, OSError, ValueError, EOFError) as e:  # what ITK, nibabel and MONAI raise for bad files
-            # The readers' first line says why; later lines list every reader with the server's path.
-            reason = (str(e).strip().splitlines() or [""])[0].replace(os.path.dirname(path) + os.sep, "")
-            raise InvalidRequest(f"the image {name} cannot be read as a 3D volume ({type(e).__name__}: {reason})") from e
-        require_usable_grid(loaded[self.keys[0]].affine, name)
-        return loaded
-
-
-def require_usable_grid(affine: torch.Tensor, name: str) -> None:
-    """A voxel-to-world matrix that is not finite or maps the volume onto a plane (a header with a zero or NaN
-    affine) places no voxel anywhere: reorienting and resampling would fail on it."""
-    rotation_scale = affine[:3, :3].double()
-    if not torch.isfinite(rotation_scale).all() or abs(float(torch.linalg.det(rotation_scale))) < 1e-12:
-        raise InvalidRequest(f"the image {name} has no usable voxel grid: its affine is {rotation_scale.tolist()}")
-
-
-def gzip_trailer_size(path: str) -> int:
-    """The uncompressed size modulo 2^32 that a gzip file's last member records in its last 4 bytes."""
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        return int.from_bytes(f.read(4), "little")
-
-
-def require_complete_nifti(path: str) -> None:
-    """ITK reads a NIfTI file whose voxel data stops short without complaint and leaves the rest zero: a
-    truncated upload would be segmented as if it were whole. Check the data size against the header first."""
-    if not path.endswith((".nii", ".nii.gz")) or not os.path.isfile(path):
-        return
-    try:
-        header = nib.load(path).header
-    except Exception:  # no readable NIfTI header: the loader that follows says why, as for any bad file
-        return
-    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    if path.endswith(".gz"):
-        if gzip_trailer_size(path) == expected % 2**32:
-            return  # the usual single-member file, whole: no second decompression before ITK's
-        size = 0
-        with gzip.open(path, "rb") as f:  # multi-member, over 4 GiB, or short: count for certain
-            while chunk := f.read(1 << 24):
-                size += len(chunk)
-    else:
-        size = os.path.getsize(path)
-    if size < expected:
-        raise OSError(f"its voxel data stop short: {size} of {expected} bytes")
-
-
-class RequireSingleChannel3Dd(MapTransform):
-    """The model needs one 3D volume: a 2D slice or a multi-channel image is the request's fault."""
-
-    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        image = data[self.keys[0]]
-        if image.ndim != 4 or image.shape[0] != 1:
-            raise InvalidRequest(f"a single-channel 3D image is needed; this one has shape {list(image.shape)}")
-        return data
-
-
-class ReplaceNonFinited(MapTransform):
-    """NaN or infinite voxels (a broken export, a failed reconstruction) become 0, so that windowing and the
-    normalisation statistics stay finite; the rest of the image is untouched."""
-
-    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            if not torch.isfinite(d[key]).all():
-                d[key] = torch.nan_to_num(d[key], nan=0.0, posinf=0.0, neginf=0.0)
-        return d
 
 
 class ValidateClicksd(MapTransform):

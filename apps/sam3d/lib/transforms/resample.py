@@ -10,7 +10,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Spacing, SpatialResample
 
-from .clicks import InvalidRequest
+from lib.errors import InvalidRequest
 
 
 def original_support(
