@@ -10,7 +10,7 @@ import torch
 from monai.transforms import EnsureChannelFirstd, LoadImaged
 
 from lib.errors import InvalidRequest
-from lib.transforms.clicks import MAX_CLICKS, MapClicksToImaged, map_indices, parse_clicks, validate_clicks
+from lib.transforms.request_clicks import MAX_CLICKS, MapClicksToImaged, map_indices, parse_clicks, validate_clicks
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 from lib.transforms.presets import PRESETS, spatial_transforms
 from lib.transforms.resample import ResampleToOriginalGridd

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lib.errors import InvalidRequest
-from lib.transforms.clicks import MAX_CLICKS, validate_clicks
+from lib.transforms.request_clicks import MAX_CLICKS, validate_clicks
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=4),

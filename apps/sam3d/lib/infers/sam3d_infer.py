@@ -18,7 +18,7 @@ from lib.activelearning.uncertain import mask_uncertainty
 from lib.model import CheckpointError, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
 from lib.errors import InvalidRequest
-from lib.transforms.clicks import MapClicksToImaged, ValidateClicksd
+from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
 from lib.transforms.loading import LoadImageOrRejectd, ReplaceNonFinited, RequireSingleChannel3Dd
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms

@@ -1,6 +1,6 @@
 """Simulated users for validation and evaluation, by the CVPR 2025 interactive 3D segmentation challenge's
 protocol: a first click at the lesion's deepest voxel, then each next one at the deepest voxel of the largest
-error (``clicks.protocol_click``).
+error (``simulated_user.protocol_click``).
 
 Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a tolerance of 5 mm, the latter with
 sub-voxel surfaces as in the DeepMind implementation the authors used.
@@ -16,7 +16,7 @@ from scipy import ndimage
 from lib.model import CropEncoding, Sam3D
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 
-from .clicks import CONNECTIVITY, grown_box, protocol_click
+from .simulated_user import CONNECTIVITY, grown_box, protocol_click
 
 NSD_TOLERANCE_MM = 5.0
 

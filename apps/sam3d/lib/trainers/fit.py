@@ -18,7 +18,7 @@ from lib.model import Sam3D, freeze_backbone
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
-from .clicks import background_click, interior_click, protocol_click
+from .simulated_user import background_click, interior_click, protocol_click
 
 logger = logging.getLogger(__name__)
 
