@@ -10,7 +10,6 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
@@ -19,9 +18,8 @@ from lib.model import CheckpointError, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
 from lib.errors import InvalidRequest
 from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
-from lib.transforms.loading import LoadImageOrRejectd, ReplaceNonFinited, RequireSingleChannel3Dd
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
-from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
+from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
 from .cache import BoundedCache, CropRounds, crop_key, file_key, tensor_bytes
@@ -140,15 +138,7 @@ class Sam3DInfer(BasicInferTask):
 
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
         name = self.preset_name(data or {})
-        preset = PRESETS[name]
-        preprocess = [
-            LoadImageOrRejectd(keys="image", reader="ITKReader"),
-            EnsureChannelFirstd(keys="image"),
-            RequireSingleChannel3Dd(keys="image"),
-            ReplaceNonFinited(keys="image"),
-            *spatial_transforms(preset, max_megavoxels=self.max_megavoxels),
-            *intensity_transforms(preset),
-        ]
+        preprocess = preprocessing(PRESETS[name], max_megavoxels=self.max_megavoxels)
         return [
             CachedPreprocessd("image", preprocess, self.volumes, lambda path: file_key(path, name)),
             ValidateClicksd(keys="image"),
