@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from evaluate import TUMOUR_LABEL, find_cases  # noqa: E402
 from lib.model import CONFIGS, build_sam3d, save_sam3d  # noqa: E402
 from lib.trainers.data import load_labelled  # noqa: E402
-from lib.trainers.fit import fit, select_trainable  # noqa: E402
+from lib.trainers.fit import fit  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 
 
@@ -47,7 +47,6 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
-    select_trainable(model)
     model.to(args.device)
     model.bfloat16 = args.bfloat16 or args.device.startswith("cuda")
     model.image_encoder.gradient_checkpointing = True
@@ -58,7 +57,7 @@ def main() -> None:
     losses, resumed_at = fit(
         model, volumes, args.steps, PRESETS[args.preset], args.learning_rate, args.seed, state_path=args.out + ".state"
     )
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    trained = model.trained_names
     meta = {"preset": args.preset, "steps": args.steps, "train_images": len(cases), "train_loss": float(np.mean(losses[-20:]))}
     save_sam3d(model, args.out, model.weights_info["backbone"], trained, meta=meta)
     os.remove(args.out + ".state")

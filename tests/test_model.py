@@ -320,6 +320,17 @@ def test_authors_format_round_trips(tiny, tmp_path):
     assert "authors' format" in loaded.weights_info["adapters"]
 
 
+def test_what_trains_is_decided_once_by_whether_the_backbone_is_pretrained(tiny, tmp_path):
+    random_backbone = build_sam3d(backbone="tiny")
+    assert random_backbone.trained_names == [n for n, _ in random_backbone.named_parameters()]
+    assert all(p.requires_grad for p in random_backbone.parameters())
+    path = tmp_path / "last.pth.tar"
+    torch.save(to_authors_format(tiny), path)
+    pretrained = build_sam3d(checkpoint=str(path), backbone="tiny")
+    assert pretrained.trained_names == list(trainable_names(pretrained))
+    assert [n for n, p in pretrained.named_parameters() if p.requires_grad] == pretrained.trained_names
+
+
 def test_authors_checkpoint_with_an_unknown_or_missing_key_is_refused(tiny, tmp_path):
     extra = to_authors_format(tiny)
     extra["decoder_dict"]["cls.9.weight"] = torch.zeros(1)

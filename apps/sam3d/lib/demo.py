@@ -16,7 +16,7 @@ import torch
 from lib.model import build_sam3d, save_sam3d
 from lib.phantoms import random_studies, write_studies
 from lib.trainers.data import load_labelled
-from lib.trainers.fit import fit, select_trainable
+from lib.trainers.fit import fit
 from lib.transforms.presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,7 @@ def demo_weights(model_dir: str) -> str:
         ]
     torch.manual_seed(0)
     model = build_sam3d(backbone="tiny")
-    select_trainable(model)
     losses, _ = fit(model, volumes, DEMO_STEPS, PRESETS[DEMO_PRESET], lr=DEMO_LEARNING_RATE)
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
     meta = {
         "demo": True,
         "preset": DEMO_PRESET,
@@ -62,6 +60,6 @@ def demo_weights(model_dir: str) -> str:
         "train_loss": float(np.mean(losses[-20:])),
         "total_time": round(time.time() - start, 1),
     }
-    save_sam3d(model, path, "tiny", trained, meta=meta)
+    save_sam3d(model, path, "tiny", model.trained_names, meta=meta)
     logger.warning(f"sam3d: demo weights written to {path} in {time.time() - start:.0f}s")
     return path

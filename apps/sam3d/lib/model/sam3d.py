@@ -5,7 +5,7 @@ Public axis convention: a crop is a ``(D, H, W)`` array (batched: ``(B, 1, D, H,
 """
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import List, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,8 @@ class Sam3D(nn.Module):
         self.mask_decoder = mask_decoder
         self.crop_size = crop_size
         self.weights_info: dict = {}  # where the weights came from, filled by build_sam3d
+        # The parameters training updates (their requires_grad is on), decided once by build_sam3d.
+        self.trained_names: List[str] = [name for name, _ in self.named_parameters()]
         # Trained as users correct (training's correction rounds): background clicks are prompts of their own type
         # and each click sees the previous prediction. Otherwise (the authors' checkpoints) background clicks act
         # through exclude_background and all clicks are decoded at once.

@@ -24,7 +24,7 @@ from lib.transforms.presets import PRESETS
 
 from .data import load_labelled
 from .evaluate import lesion_scores
-from .fit import fit, select_trainable
+from .fit import fit
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ def run(rank: int, world: int, job: TrainingJob) -> None:
     try:
         options = job.options
         model = job.source.build(device)
-        select_trainable(model)
         model.image_encoder.gradient_checkpointing = options["activation_checkpointing"]
         volumes = [load_labelled(d["image"], d["label"], job.preset) for d in job.train]
         losses, resumed_at = fit(
@@ -84,7 +83,6 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
     for d in job.val:
         image, label = load_labelled(d["image"], d["label"], job.preset)
         scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), (1,), PRESETS[job.preset].spacing)]
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
     stats = {
         "total_time": round(seconds, 2),
         "steps": len(losses),
@@ -100,7 +98,7 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     meta = {"preset": job.preset, "base": job.source.checkpoint, **stats}
-    save_sam3d(model, job.publish_path, job.backbone, trained, meta=meta)
+    save_sam3d(model, job.publish_path, job.backbone, model.trained_names, meta=meta)
     atomic_write(job.stats_path, lambda f: json.dump(stats, f, indent=2), mode="w")
     os.remove(job.state_path)  # published: the next run starts from the published weights
     logger.info(f"sam3d training done: {stats}")
