@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 DEMO_FILE = "sam3d_demo_tiny.pt"
 DEMO_PRESET = "kits"  # the server's default preset, which the demo click uses
-# The recipe of the learning test (tests/test_learning.py): about 70 s on 2 CPU cores, and one click on each
-# held-out demo lesion gives a Dice of about 0.88 (docs/evaluation.md).
+# The recipe of the learning test (tests/test_learning.py); its time is in the README, the Dice it gives on the
+# held-out demo lesions in docs/evaluation.md.
 DEMO_STUDIES = 12
 DEMO_STEPS = 400
 DEMO_LEARNING_RATE = 1e-3

@@ -100,8 +100,7 @@ def train_only(model: nn.Module, names: Sequence[str]) -> Tuple[int, int]:
 
 def trained_names(model: nn.Module, pretrained_backbone: bool) -> List[str]:
     """What training updates: over a pretrained backbone (SAM's, or the authors' whole encoder) the paper's
-    parameter-efficient parts; over a random one everything (freezing random weights only cripples the model:
-    the tiny configuration then stays at a Dice of 0.04)."""
+    parameter-efficient parts; over a random one everything (frozen random weights only cripple the model)."""
     return list(trainable_names(model)) if pretrained_backbone else [name for name, _ in model.named_parameters()]
 
 

@@ -83,10 +83,10 @@ class ResampleToOriginalGridd(MapTransform):
 class SeparableSpacingd(MapTransform):
     """MONAI's ``Spacingd`` (same output grid, same values), computed axis by axis.
 
-    ``Spacingd`` samples through a dense grid of coordinates in float64: for a 512x512x300 CT going to 1 mm it
-    peaks at 8.6 GiB for a 0.5 GiB result. Changing only the spacing maps each output axis onto the same input
-    axis (a scale and an offset, also for oblique images), and trilinear interpolation is three linear ones in
-    turn, which need about twice the result. The output grid comes from MONAI's own ``Spacing``, run lazily
+    ``Spacingd`` samples through a dense grid of coordinates in float64, many times the result's memory
+    (docs/benchmarks.md, pre-processing a large CT). Changing only the spacing maps each output axis onto the same
+    input axis (a scale and an offset, also for oblique images), and trilinear interpolation is three linear ones
+    in turn, which need about twice the result. The output grid comes from MONAI's own ``Spacing``, run lazily
     (geometry only); a grid that would not map axis to axis is left to ``Spacing`` itself.
     """
 
