@@ -1,19 +1,21 @@
 """Clicks: validated as voxel indices of the original image, then carried through the image's spatial changes.
 
 Clients (Slicer, OHIF, REST) send ``foreground`` and ``background`` as lists of ``[i, j, k]`` voxel indices of
-the image as stored, which is how MONAI's ITK loader indexes the array. After the image is reoriented and
-resampled, a click follows the same affine change, so image and clicks cannot drift apart.
+the image as stored, which is how MONAI's ITK loader indexes the array. They become one ``Clicks`` value (the
+``"image"`` frame), which ``GridMap`` moves onto the model's grid with the image.
 """
 
 import math
 from typing import Any, Dict, Sequence
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from lib.errors import InvalidRequest
+from lib.model import Clicks
+
+from .grid import GridMap
 
 MAX_CLICKS = 1000  # per request, foreground and background together
 
@@ -46,20 +48,21 @@ def parse_clicks(value: Any, name: str, shape: Sequence[int]) -> np.ndarray:
     return np.asarray(clicks, dtype=np.int64).reshape(-1, 3)
 
 
-def validate_clicks(request: Dict[str, Any], shape: Sequence[int]) -> Dict[str, np.ndarray]:
-    clicks = {name: parse_clicks(request.get(name), name, shape) for name in ("foreground", "background")}
-    total = sum(len(c) for c in clicks.values())
+def validate_clicks(request: Dict[str, Any], shape: Sequence[int]) -> Clicks:
+    """The request's ``foreground`` and ``background`` lists, checked against the stored image's ``shape``."""
+    clicks = Clicks(*(parse_clicks(request.get(name), name, shape) for name in ("foreground", "background")), "image")
     # Background clicks only remove what a foreground click claims (README, Background clicks): alone they
     # could only give an empty mask.
-    if len(clicks["foreground"]) == 0:
+    if len(clicks.foreground) == 0:
         raise InvalidRequest("no foreground click: give at least one 'foreground' click as [i, j, k] voxel indices")
-    if total > MAX_CLICKS:
-        raise InvalidRequest(f"{total} clicks in one request; at most {MAX_CLICKS} are accepted")
+    if len(clicks) > MAX_CLICKS:
+        raise InvalidRequest(f"{len(clicks)} clicks in one request; at most {MAX_CLICKS} are accepted")
     return clicks
 
 
 class ValidateClicksd(MapTransform):
-    """Check the request's clicks against the image's size as stored; store them as ``data['clicks']``."""
+    """Check the request's clicks against the image's size as stored; store them as ``data['clicks']``
+    (``Clicks`` in the ``"image"`` frame)."""
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         d = dict(data)
@@ -67,27 +70,13 @@ class ValidateClicksd(MapTransform):
         return d
 
 
-def map_indices(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Voxel indices under ``from_affine`` -> the nearest voxel indices under ``to_affine`` (clipped into ``shape``)."""
-    if len(points) == 0:
-        return points.reshape(0, 3)
-    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1).T
-    mapped = (np.linalg.inv(to_affine) @ from_affine @ homogeneous)[:3].T
-    return np.clip(np.rint(mapped), 0, np.asarray(shape) - 1).astype(np.int64)
-
-
 class MapClicksToImaged(MapTransform):
-    """After reorienting and resampling ``image``, move ``data['clicks']`` onto its new grid."""
+    """After reorienting and resampling ``image``, move ``data['clicks']`` onto its grid (the ``"model"`` frame)."""
 
     def __init__(self, keys: KeysCollection = "image") -> None:
         super().__init__(keys)
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         d = dict(data)
-        image = d[self.keys[0]]
-        original = np.asarray(image.meta["original_affine"], dtype=np.float64)
-        current = torch.as_tensor(image.affine).double().numpy()
-        d["clicks"] = {
-            name: map_indices(points, original, current, image.shape[1:]) for name, points in d["clicks"].items()
-        }
+        d["clicks"] = GridMap.of(d[self.keys[0]]).clicks_to_model(d["clicks"])
         return d
