@@ -118,7 +118,7 @@ def trained_tiny_mixed(tmp_path_factory):
     (hard_studies' default seed; evaluations hold out other seeds): (checkpoint path, losses)."""
     from lib.model import build_sam3d, save_sam3d
     from lib.phantoms import hard_studies, random_studies, write_studies
-    from lib.trainers.fit import fit, select_trainable
+    from lib.trainers.fit import fit
     from lib.transforms.presets import PRESETS
 
     folder = str(tmp_path_factory.mktemp("training_mixed"))
@@ -127,8 +127,7 @@ def trained_tiny_mixed(tmp_path_factory):
     volumes = [load_kits(folder, s.name) for s in studies]
     torch.manual_seed(0)
     model = build_sam3d(backbone="tiny")
-    select_trainable(model)
     losses, _ = fit(model, volumes, 400, PRESETS["kits"], lr=1e-3)
     path = str(tmp_path_factory.mktemp("trained_mixed") / "tiny_mixed.pt")
-    save_sam3d(model, path, "tiny", [name for name, p in model.named_parameters() if p.requires_grad])
+    save_sam3d(model, path, "tiny", model.trained_names)
     return path, losses
