@@ -10,21 +10,23 @@ labels/final/, e.g. the hard phantoms of scripts/make_demo_studies.py --hard N).
 of the app and a fresh studies folder holding the images only, and acts as a radiologist through REST:
 
 - asks for the next sample (/activelearning/{strategy});
-- clicks each lesion (26-connected component of the tumour label) by the challenge protocol of
-  scripts/evaluate.py (lib/trainers/clicks.py protocol_click, on the image's own grid and spacing), one segment
-  per lesion, until the returned mask reaches --target Dice or --max-clicks clicks were given;
+- clicks each lesion (26-connected component of the tumour label) by the challenge protocol that
+  scripts/evaluate.py follows (lib/trainers/simulated_user.py protocol_click, here on the image's own grid and
+  spacing), one segment per lesion, until the returned mask reaches --target Dice or --max-clicks clicks;
 - saves the ground truth's tumour mask as the image's `final` label (what the radiologist ends with);
 - every K saved labels, POST /train/sam3d (--train-steps steps on all saved labels, from the model in use) and
   goes on annotating while it trains; the server serves the published model from the next click on. A run that
-  is due while another trains starts when that one ends. With --train-wait it waits for each run instead
-  (reproducible: the race between training and clicks on a shared CPU is left out).
+  is due while another trains starts when that one ends. With --train-wait it waits for each run instead: the
+  simulated radiologist takes a second or two per case where a person takes minutes, so without it a session
+  ends before the first run does.
 
-Writes to --out: session.csv (one row per lesion, in the order annotated, each session's rows apart:
-the clicks needed, the Dice reached, the model's seconds, the weights that served the last click and the
-training runs finished so far), summary.md (figures computed from session.csv) and session.png (clicks needed
-against cases annotated, per session). A session's server, studies, app copy and log stay in
---out/sessions/<session>/. Rows are written case by case, so an interrupted run leaves a valid csv; --resume
-goes on where it stopped (the studies folder keeps the saved labels, the app copy the published model).
+Writes to --out: session.csv (one row per lesion, in the order annotated, each session's rows apart: the clicks
+needed, the Dice reached and after each click, the model's seconds, the weights that served the last click and
+the training runs finished so far), summary.md (figures computed from session.csv; --lower-targets adds the
+clicks needed for lower Dice targets, read off the same clicks) and session.png (clicks needed against cases
+annotated, per session). A session's server, studies, app copy and log stay in --out/sessions/<session>/. Rows
+are written case by case, so an interrupted run leaves a valid csv; --resume goes on where it stopped (the
+studies folder keeps the saved labels, the app copy the published model).
 """
 
 import argparse
@@ -52,7 +54,7 @@ sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 from evaluate import EXTENSIONS, TUMOUR_LABEL, find_cases  # noqa: E402
 from lib.demo import DEMO_FILE  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
-from lib.trainers.clicks import CONNECTIVITY, protocol_click  # noqa: E402
+from lib.trainers.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
 from lib.trainers.evaluate import dice  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 from local_server import copy_app, start_server, stop_server  # noqa: E402
