@@ -16,7 +16,7 @@ of the app and a fresh studies folder holding the images only, and acts as a rad
 - saves the ground truth's tumour mask as the image's `final` label (what the radiologist ends with);
 - every K saved labels, POST /train/sam3d (--train-steps steps on all saved labels, from the model in use) and
   goes on annotating while it trains; the server serves the published model from the next click on. A run that
-  is due while another trains starts when that one ends. With --train-wait it waits for each run instead: the
+  falls due while another trains starts with the first label saved after that one ends. With --train-wait it waits for each run instead: the
   simulated radiologist takes a second or two per case where a person takes minutes, so without it a session
   ends before the first run does.
 
@@ -193,7 +193,8 @@ class Radiologist:
 
 
 class Trainer:
-    """When to train: a run every K saved labels; a run due while one trains starts when that one ends."""
+    """When to train: a run every K saved labels; one that falls due while another trains starts at the first
+    label saved after that one ends."""
 
     def __init__(self, radiologist: Radiologist, every: int, saved: int, finished_before: int, wait: bool) -> None:
         self.radiologist = radiologist
