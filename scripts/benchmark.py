@@ -155,6 +155,18 @@ def model_figures(args) -> Dict[str, str]:
 
     rows["correction round with the previous mask (s)"], _ = timed(lambda: background_click(True), args.repeats, "round")
     rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), args.repeats, "rule")
+    # The refiner alone (part of every round above). It works in the bounding box of the masks and the clicks:
+    # a whole crop where the decoder is unsure everywhere (untrained weights: the worst case), a lesion's
+    # neighbourhood once trained.
+    points, labels = both[None], labels[None]
+    unsure = torch.zeros(1, 2, size, size, size, device=device)
+    lesion = unsure.clone()
+    lesion[:, 0] = 5.0
+    lesion[:, 1, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20] = 10.0
+    for name, logits in (("whole crop", unsure), ("40-voxel lesion", lesion)):
+        rows[f"refiner, {name} (s)"], _ = timed(
+            torch.no_grad()(lambda: model.refiner(encoding.image, logits, points, labels)), args.repeats, "refiner"
+        )
     if reference:
         rows["reference forward (s)"], reference_prob = timed(lambda: reference.predict(crop, clicks), args.repeats, "reference")
         rows["first click speed-up vs reference"] = rows["reference forward (s)"] / rows["first click (s)"]
