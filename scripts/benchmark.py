@@ -138,17 +138,16 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
 
     rows["correction round with the previous mask (s)"], _ = timed(lambda: background_click(True), repeats, "round")
     rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), repeats, "rule")
-    # The refiner alone (part of every round above). It works in the bounding box of the masks and the clicks:
-    # a whole crop where the decoder is unsure everywhere (untrained weights: the worst case), a lesion's
-    # neighbourhood once trained.
+    # The refiner alone (part of every round above): over the whole crop in a first round, in the bounding box of
+    # the masks and clicks in a correction round (here a 40-voxel lesion's).
     points, labels = both[None], labels[None]
-    unsure = torch.zeros(1, 2, size, size, size, device=device)
-    lesion = unsure.clone()
+    lesion = torch.zeros(1, 2, size, size, size, device=device)
     lesion[:, 0] = 5.0
     lesion[:, 1, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20] = 10.0
-    for name, logits in (("whole crop", unsure), ("40-voxel lesion", lesion)):
+    previous = lesion[:, 1:] - lesion[:, :1]
+    for name, mask in (("first round, whole crop", None), ("correction round, 40-voxel lesion", previous)):
         rows[f"refiner, {name} (s)"], _ = timed(
-            torch.no_grad()(lambda: model.refiner(encoding.image, logits, points, labels)), repeats, "refiner"
+            torch.no_grad()(lambda: model.refiner(encoding.image, lesion, points, labels, mask)), repeats, "refiner"
         )
     return rows
 
