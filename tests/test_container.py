@@ -242,3 +242,6 @@ def test_compose_serves_a_click_on_a_pacs_series(engine, volume, container, demo
         assert inside_ellipsoid(mask_points_ras(mask), centre, radii).mean() > 0.6  # as in test_dicomweb.py
     finally:
         subprocess.run([*up, "down", "-v"], capture_output=True, env=env, timeout=300)
+        # podman-compose 1.0.3 leaves the network, and a volume it did not create, behind
+        subprocess.run([*engine, "volume", "rm", "-f", f"{project}_sam3d-model"], capture_output=True)
+        subprocess.run([*engine, "network", "rm", f"{project}_default"], capture_output=True)
