@@ -5,7 +5,7 @@
 
 DATA is an MSD-layout folder (imagesTr/ and labelsTr/, e.g. Task07_Pancreas) or a MONAI Label studies folder
 (images beside labels/final/). Each lesion (connected component of the tumour label) is clicked by the CVPR 2025
-interactive 3D segmentation challenge's protocol (lib/trainers/clicks.py protocol_click): the first click at its
+interactive 3D segmentation challenge's protocol (lib/trainers/simulated_user.py protocol_click): the first click at its
 deepest voxel, each next one at the deepest voxel of the largest error, foreground on a miss, background on a
 leak. Per lesion: Dice and NSD after clicks 1..N, the area under the Dice curve (AUC: the mean of Dice@1..N) and
 the worst drop (the largest fall of Dice after one click). Where DATA holds lesion_kinds.json (written with the

@@ -10,23 +10,16 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.activelearning.uncertain import mask_uncertainty
-from lib.model import CheckpointError, CropEncoding, Sam3D
+from lib.model import CheckpointError, Clicks, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
-from lib.transforms.clicks import (
-    InvalidRequest,
-    LoadImageOrRejectd,
-    MapClicksToImaged,
-    ReplaceNonFinited,
-    RequireSingleChannel3Dd,
-    ValidateClicksd,
-)
+from lib.errors import InvalidRequest
+from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
-from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
+from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
 from .cache import BoundedCache, CropRounds, crop_key, file_key, tensor_bytes
@@ -90,7 +83,7 @@ class Sam3DInfer(BasicInferTask):
         start = time.time()
         with self._model_lock:
             encoding = self.model.encode(torch.zeros(1, 1, size, size, size, device=self.device))
-            self.model.foreground_probability(encoding, torch.tensor([[size // 2] * 3]))
+            self.model.foreground_probability(encoding, Clicks([[size // 2] * 3], np.zeros((0, 3)), "crop"))
         self.warmed_up.set()
         logger.info(f"sam3d: warm-up done in {time.time() - start:.1f}s")
 
@@ -132,7 +125,13 @@ class Sam3DInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return True
 
+    def __call__(self, request: Dict[str, Any], callbacks=None):
+        # The request checked once: every step after reads data["preset"] as a known preset's name.
+        request = {**request, "preset": self.preset_name({**self._config, **request})}
+        return super().__call__(request, callbacks)
+
     def preset_name(self, data: Dict[str, Any]) -> str:
+        """The request's preset (Slicer sends the config's list, whose first item is the choice), checked."""
         preset = data.get("preset")
         preset = preset[0] if isinstance(preset, (list, tuple)) and preset else preset
         if not isinstance(preset, str) or preset not in PRESETS:
@@ -144,16 +143,8 @@ class Sam3DInfer(BasicInferTask):
         return preset
 
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
-        name = self.preset_name(data or {})
-        preset = PRESETS[name]
-        preprocess = [
-            LoadImageOrRejectd(keys="image", reader="ITKReader"),
-            EnsureChannelFirstd(keys="image"),
-            RequireSingleChannel3Dd(keys="image"),
-            ReplaceNonFinited(keys="image"),
-            *spatial_transforms(preset, max_megavoxels=self.max_megavoxels),
-            *intensity_transforms(preset),
-        ]
+        name = data["preset"]
+        preprocess = preprocessing(PRESETS[name], max_megavoxels=self.max_megavoxels)
         return [
             CachedPreprocessd("image", preprocess, self.volumes, lambda path: file_key(path, name)),
             ValidateClicksd(keys="image"),
@@ -170,12 +161,11 @@ class Sam3DInfer(BasicInferTask):
         self.reload_if_published()
         image: MetaTensor = data["image"]
         volume = image[0].as_tensor().float()
-        clicks = data["clicks"]
-        crops = plan_crops(clicks["foreground"], clicks["background"], volume.shape, self.model.crop_size)
+        crops = plan_crops(data["clicks"], volume.shape, self.model.crop_size)
         if len(crops) > self.max_crops:  # each crop is an encoder pass, which holds the model for every user
             raise InvalidRequest(f"these clicks need {len(crops)} crops (clicks more than half a crop apart get one "
                                  f"each); at most {self.max_crops} are run per request (--conf max_crops)")
-        preset = self.preset_name(data)
+        preset = data["preset"]
 
         prob = torch.zeros(volume.shape)
         encoder_runs, start = 0, time.time()
@@ -188,10 +178,8 @@ class Sam3DInfer(BasicInferTask):
                     encoding = self.model.encode(pixels[None, None].to(self.device))
                     self.cache.put(key, encoding)
                     encoder_runs += 1
-                points = torch.as_tensor(np.concatenate([crop.foreground, crop.background])).reshape(-1, 3)
-                labels = torch.cat([torch.ones(len(crop.foreground)), torch.zeros(len(crop.background))]).long()
                 rounds = CropRounds(self.rounds, key)
-                paste_max(prob, self.model.foreground_probability(encoding, points, labels, rounds).float().cpu(), crop)
+                paste_max(prob, self.model.foreground_probability(encoding, crop.clicks, rounds).float().cpu(), crop)
 
         data["pred"] = MetaTensor(prob[None], meta=dict(image.meta))  # the meta holds the model grid's affine
         data["crop_boxes"] = [(crop.start, crop.size) for crop in crops]

@@ -5,15 +5,17 @@ Public axis convention: a crop is a ``(D, H, W)`` array (batched: ``(B, 1, D, H,
 """
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import List, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clicks import Clicks
 from .image_encoder import ImageEncoder3d
 from .mask_decoder import MaskDecoder3d
 from .prompt_encoder import PromptEncoder3d
+from .refiner import Refiner
 
 
 @dataclass
@@ -22,10 +24,11 @@ class CropEncoding:
 
     prepared: torch.Tensor  # (B, head_chans, 2g, 2g, 2g): the decoder's click-independent part
     deep: torch.Tensor  # (B, C, g, g, g): the deepest feature map, conditioned on clicks at decode time
+    image: torch.Tensor  # (B, 1, S, S, S): the crop's intensities, for the full-resolution refiner
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.prepared, self.deep))
+        return sum(t.numel() * t.element_size() for t in (self.prepared, self.deep, self.image))
 
 
 def exclude_background(logit_fg: torch.Tensor, logit_bg: torch.Tensor, nearer_background: torch.Tensor) -> torch.Tensor:
@@ -64,14 +67,22 @@ class PrefixMemo(Protocol):
 
 class Sam3D(nn.Module):
     def __init__(
-        self, image_encoder: ImageEncoder3d, prompt_encoder: PromptEncoder3d, mask_decoder: MaskDecoder3d, crop_size: int
+        self,
+        image_encoder: ImageEncoder3d,
+        prompt_encoder: PromptEncoder3d,
+        mask_decoder: MaskDecoder3d,
+        refiner: Refiner,
+        crop_size: int,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.refiner = refiner
         self.crop_size = crop_size
         self.weights_info: dict = {}  # where the weights came from, filled by build_sam3d
+        # The parameters training updates (their requires_grad is on), decided once by build_sam3d.
+        self.trained_names: List[str] = [name for name, _ in self.named_parameters()]
         # Trained as users correct (training's correction rounds): background clicks are prompts of their own type
         # and each click sees the previous prediction. Otherwise (the authors' checkpoints) background clicks act
         # through exclude_background and all clicks are decoded at once.
@@ -96,7 +107,7 @@ class Sam3D(nn.Module):
         with self.autocast():
             features = self.image_encoder(crop)
             low_res = F.interpolate(crop, scale_factor=0.5, mode="trilinear")
-            return CropEncoding(self.mask_decoder.prepare(features[:3], low_res), features[3])
+            return CropEncoding(self.mask_decoder.prepare(features[:3], low_res), features[3], crop.detach().clone())  # not a view of a volume
 
     def decode(
         self,
@@ -108,9 +119,11 @@ class Sam3D(nn.Module):
         """points: (B, N, 3) (d, h, w) crop voxel indices; labels: (B, N) 1 = foreground, 0 = background (default
         all foreground); previous: (B, 1, S, S, S) the crop's previous foreground log-odds, or None -> logits
         (B, 2, S, S, S), float32."""
+        labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
         with self.autocast():
             deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3, labels, previous)
-            return self.mask_decoder(encoding.prepared, deep).float()
+            logits = self.mask_decoder(encoding.prepared, deep).float()
+        return self.refiner(encoding.image, logits, points, labels, previous)
 
     def click_logits(
         self,
@@ -136,22 +149,18 @@ class Sam3D(nn.Module):
             logit = exclude_background(logit, logits_bg[1] - logits_bg[0], nearer_to_background(points, labels, self.crop_size))
         return logit
 
-    def correction_logits(
-        self, encoding: CropEncoding, points: torch.Tensor, labels: torch.Tensor, memo: Optional["PrefixMemo"] = None
-    ) -> torch.Tensor:
-        """Foreground log-odds (S, S, S) after all clicks, for a request that carries every click of the segment.
+    def correction_logits(self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None) -> torch.Tensor:
+        """Foreground log-odds (S, S, S) after all ``clicks`` (``"crop"`` frame), for a request that carries every
+        click of the segment.
 
         A correction-trained model replays the clicks one round each, every round seeing the previous round's
-        prediction, in a canonical order that only the request decides (foreground clicks, then background
-        clicks, each in the order sent: clients send no order between the two lists). The same request thus
-        always gets the same answer, whoever clicked before and whether or not the server restarted. ``memo``
-        keeps rounds already computed (a refinement that adds a click replays one round); other models decode
-        all clicks at once. points: (N, 3) crop indices; labels: (N,) 1 = foreground, 0 = background."""
-        points, labels = torch.as_tensor(points).reshape(-1, 3), torch.as_tensor(labels).reshape(-1)
+        prediction, in the order that only the request decides (``Clicks.points_and_labels``). The same request
+        thus always gets the same answer, whoever clicked before and whether or not the server restarted.
+        ``memo`` keeps rounds already computed (a refinement that adds a click replays one round); other models
+        decode all clicks at once."""
+        points, labels = clicks.points_and_labels(encoding.deep.device)
         if not self.correction_trained:
             return self.click_logits(encoding, points, labels)
-        order = torch.cat([torch.nonzero(labels == 1)[:, 0], torch.nonzero(labels == 0)[:, 0]])
-        points, labels = points[order], labels[order]
         previous, start = None, 0
         if memo is not None:
             for rounds in range(len(points), 0, -1):
@@ -167,22 +176,16 @@ class Sam3D(nn.Module):
 
     @torch.no_grad()
     def foreground_probability(
-        self,
-        encoding: CropEncoding,
-        points: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
-        memo: Optional["PrefixMemo"] = None,
+        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None
     ) -> torch.Tensor:
-        """points: (N, 3) (d, h, w) crop indices; labels: (N,) 1 = foreground, 0 = background (default all 1);
-        memo: see :meth:`correction_logits`.
+        """clicks: (d, h, w) indices of the encoded crop (``"crop"`` frame); memo: see :meth:`correction_logits`.
 
         Returns (S, S, S) foreground probability; zeros when there is no foreground click."""
-        device = encoding.deep.device
-        points = torch.as_tensor(points, device=device).reshape(-1, 3)
-        labels = torch.ones(len(points), dtype=torch.long, device=device) if labels is None else labels.to(device)
-        if not (labels == 1).any():
-            return torch.zeros((self.crop_size,) * 3, device=device)
-        return self.correction_logits(encoding, points, labels, memo).sigmoid()
+        if clicks.frame != "crop":
+            raise ValueError(f"the model takes clicks in the crop's frame, not the {clicks.frame!r} frame")
+        if len(clicks.foreground) == 0:
+            return torch.zeros((self.crop_size,) * 3, device=encoding.deep.device)
+        return self.correction_logits(encoding, clicks, memo).sigmoid()
 
     def predict_crop(
         self,
@@ -204,4 +207,4 @@ class Sam3D(nn.Module):
         if ((points < 0) | (points >= self.crop_size)).any():
             raise ValueError(f"points must lie inside the crop [0, {self.crop_size}): {points.tolist()}")
         encoding = self.encode(crop[None, None])
-        return self.foreground_probability(encoding, points, labels).float().cpu()
+        return self.foreground_probability(encoding, Clicks.from_points(points, labels, "crop")).float().cpu()

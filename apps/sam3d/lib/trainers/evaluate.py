@@ -1,6 +1,6 @@
 """Simulated users for validation and evaluation, by the CVPR 2025 interactive 3D segmentation challenge's
 protocol: a first click at the lesion's deepest voxel, then each next one at the deepest voxel of the largest
-error (``clicks.protocol_click``).
+error (``simulated_user.protocol_click``).
 
 Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a tolerance of 5 mm, the latter with
 sub-voxel surfaces as in the DeepMind implementation the authors used.
@@ -13,10 +13,10 @@ import torch
 from monai.metrics import compute_surface_dice
 from scipy import ndimage
 
-from lib.model import CropEncoding, Sam3D
+from lib.model import Clicks, CropEncoding, Sam3D
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 
-from .clicks import CONNECTIVITY, grown_box, protocol_click
+from .simulated_user import CONNECTIVITY, grown_box, protocol_click
 
 NSD_TOLERANCE_MM = 5.0
 
@@ -50,13 +50,11 @@ def worst_drop(dice_per_click: Sequence[float]) -> float:
     return float(max([0.0, *(np.asarray(dice_per_click[:-1]) - np.asarray(dice_per_click[1:]))]))
 
 
-def predicted_mask(model: Sam3D, encoding: CropEncoding, points: List[np.ndarray], labels: List[int]) -> np.ndarray:
-    """The mask the server answers these clicks with on an encoded crop: (S, S, S) bool.
+def predicted_mask(model: Sam3D, encoding: CropEncoding, clicks: Clicks) -> np.ndarray:
+    """The mask the server answers these clicks (``"crop"`` frame) with on an encoded crop: (S, S, S) bool.
 
-    points: (d, h, w) crop indices; labels: 1 = foreground, 0 = background. The one place evaluation asks the
-    model, so that a change of its inputs (e.g. the previous mask) is made here."""
-    prob = model.foreground_probability(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels))
-    return prob.cpu().numpy() > 0.5
+    The one place evaluation asks the model, so that a change of its inputs (e.g. the previous mask) is made here."""
+    return model.foreground_probability(encoding, clicks).cpu().numpy() > 0.5
 
 
 @torch.no_grad()
@@ -79,14 +77,14 @@ def lesion_scores(
     for index in range(1, count + 1):
         lesion = components == index
         first, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
-        crop = plan_crops(first[None], np.zeros((0, 3), int), volume.shape, model.crop_size)[0]
+        crop = plan_crops(Clicks(first[None], np.zeros((0, 3)), "model"), volume.shape, model.crop_size)[0]
         truth_in_crop = extract_crop(torch.as_tensor(lesion), crop).numpy()
         # Where a crop runs past the volume (zero-padded) there is nothing to click on.
         in_volume = extract_crop(torch.ones(lesion.shape), crop).numpy() > 0
         encoding = model.encode(extract_crop(volume, crop)[None, None].to(model.device))
-        points, labels, scores = [crop.foreground[0]], [1], {}
+        crop_clicks, scores = crop.clicks, {}
         for n in range(1, max(clicks) + 1):
-            in_crop = predicted_mask(model, encoding, points, labels) & in_volume
+            in_crop = predicted_mask(model, encoding, crop_clicks) & in_volume
             if n in clicks:
                 pasted = torch.zeros(lesion.shape)
                 paste_max(pasted, torch.as_tensor(in_crop, dtype=torch.float32), crop)
@@ -98,8 +96,7 @@ def lesion_scores(
                 )
             correction = protocol_click(in_crop, truth_in_crop, spacing)
             if correction is not None:
-                points.append(correction[0])
-                labels.append(correction[1])
+                crop_clicks = crop_clicks.added(correction[0], foreground=correction[1] == 1)
         results.append(scores)
     return results
 

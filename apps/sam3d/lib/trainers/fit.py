@@ -14,11 +14,11 @@ from torch.optim.lr_scheduler import LinearLR
 from tqdm import tqdm
 
 from lib.files import atomic_write
-from lib.model import Sam3D, freeze_backbone
+from lib.model import Sam3D
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
-from .clicks import background_click, interior_click, protocol_click
+from .simulated_user import background_click, interior_click, protocol_click
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +27,6 @@ LOSS = DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lamb
 # How often a step starts with a background click besides the first foreground one (users add them to
 # keep a mask off a neighbouring organ before any mistake shows).
 FIRST_BACKGROUND_PROBABILITY = 0.3
-
-
-def select_trainable(model: Sam3D) -> None:
-    """Over a pretrained SAM backbone, the paper's parameter-efficient parts; over a random one, everything
-    (freezing random weights only cripples the model: the tiny configuration then stays at a Dice of 0.04)."""
-    if not model.weights_info["pretrained_backbone"]:
-        for p in model.parameters():
-            p.requires_grad = True
-    else:
-        freeze_backbone(model)
 
 
 def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, LinearLR]:
@@ -50,6 +40,9 @@ def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, L
 MAX_CORRECTION_ROUNDS = 4
 # How often a round adds no click: the model also learns to keep, or settle, its previous answer.
 NO_CLICK_PROBABILITY = 0.1
+# How often a correction click is drawn inside the error rather than at its deepest voxel (users' aim varies;
+# evaluation clicks the deepest voxel).
+DRAWN_CLICK_PROBABILITY = 0.5
 
 
 def first_clicks(lesion: np.ndarray, rng: np.random.Generator, background_probability: float) -> Tuple[list, list]:
@@ -75,8 +68,8 @@ def train_step(
     """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
 
     A user correcting a mask, simulated: the encoder runs once; a first click, then up to ``max_rounds``
-    rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction
-    (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
+    rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction, or
+    drawn inside it (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
     prompt. The loss is the mean over the rounds, so every click is taught to improve the mask."""
     model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
     encoding = model.encode_with_grad(crop)
@@ -85,7 +78,8 @@ def train_step(
     previous, losses = None, []
     for round_index in range(1 + int(rng.integers(0, max_rounds + 1))):
         if round_index and rng.random() >= NO_CLICK_PROBABILITY:
-            correction = protocol_click(previous.cpu().numpy() > 0, lesion)
+            aim = rng if rng.random() < DRAWN_CLICK_PROBABILITY else None
+            correction = protocol_click(previous.cpu().numpy() > 0, lesion, rng=aim)
             if correction is None:
                 break
             points.append(correction[0])
