@@ -16,6 +16,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, MapTransform
 
+from .keys import CLICKS, IMAGE
+
 MAX_CLICKS = 1000  # per request, foreground and background together
 
 
@@ -145,7 +147,7 @@ class ValidateClicksd(MapTransform):
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         d = dict(data)
-        d["clicks"] = validate_clicks(d, [int(n) for n in d[self.keys[0]].meta["spatial_shape"]])
+        d[CLICKS] = validate_clicks(d, [int(n) for n in d[self.keys[0]].meta["spatial_shape"]])
         return d
 
 
@@ -161,7 +163,7 @@ def map_indices(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarr
 class MapClicksToImaged(MapTransform):
     """After reorienting and resampling ``image``, move ``data['clicks']`` onto its new grid."""
 
-    def __init__(self, keys: KeysCollection = "image") -> None:
+    def __init__(self, keys: KeysCollection = IMAGE) -> None:
         super().__init__(keys)
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
@@ -169,7 +171,7 @@ class MapClicksToImaged(MapTransform):
         image = d[self.keys[0]]
         original = np.asarray(image.meta["original_affine"], dtype=np.float64)
         current = torch.as_tensor(image.affine).double().numpy()
-        d["clicks"] = {
-            name: map_indices(points, original, current, image.shape[1:]) for name, points in d["clicks"].items()
+        d[CLICKS] = {
+            name: map_indices(points, original, current, image.shape[1:]) for name, points in d[CLICKS].items()
         }
         return d

@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Spacing, SpatialResample
 
 from .clicks import InvalidRequest
+from .keys import CROP_BOXES, IMAGE, PRED
 
 
 def original_support(
@@ -41,7 +42,7 @@ class ResampleToOriginalGridd(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection = "pred", ref: str = "image", boxes_key: Optional[str] = "crop_boxes",
+        self, keys: KeysCollection = PRED, ref: str = IMAGE, boxes_key: Optional[str] = CROP_BOXES,
         threshold: float = 0.5,
     ) -> None:
         super().__init__(keys)
