@@ -39,6 +39,10 @@ TILE_MARGIN = 1 / 16
 # Tile positions are rounded to this fraction of a crop: a further click that moves the coarse mask a little keeps
 # the tiles, and with them their cached encodings.
 TILE_QUANTUM = 1 / 8
+# A refining crop decides only within this distance (in crops) of the border of the mask so far: deeper inside a
+# lesion larger than the crop, or farther out, the coarse answer stands (a crop that sees only the inside of a
+# lesion, or only a sliver of it, answers worse there than the zoomed-out crop that saw it whole).
+REFINE_BAND = 1 / 4
 
 
 @dataclass(frozen=True)
@@ -192,9 +196,13 @@ class Segmenter:
             return None
         start, size, coarse_logits = coarse
         region = F.interpolate(coarse_logits[None, None], size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
-        offset = np.asarray(crop.start) - start  # the first crop lies inside the box (both centred on it)
-        region[box_slices(offset, self.size)] = logits
-        self.refine(result, volume, crop, region, start, background, preset)
+        in_volume = torch.zeros_like(region, dtype=torch.bool)
+        in_volume[tuple(slice(0, max(0, min(size, n - s))) for s, n in zip(start, volume.shape))] = True
+        band = self.band((region > 0) & in_volume)
+        # The first crop lies inside the box (both are centred on it); it is the first refining crop.
+        first = box_slices(np.asarray(crop.start) - start, self.size)
+        region[first] = torch.where(band[first], logits, region[first])
+        self.refine(result, volume, crop, region, start, in_volume, band, background, preset)
         return start, region
 
     def zoom_out(
@@ -234,16 +242,23 @@ class Segmenter:
         end = np.asarray(start) + (side or self.size)
         return points[np.all((points >= np.asarray(start)) & (points < end), axis=1)]
 
+    def band(self, mask: torch.Tensor) -> torch.Tensor:
+        """bool, ``mask``'s shape: voxels within REFINE_BAND crops of ``mask``'s border, on either side."""
+        width = self.size * REFINE_BAND
+        mask = mask.numpy()
+        inside = ndimage.distance_transform_edt(mask) <= width
+        outside = ndimage.distance_transform_edt(~mask) <= width
+        return torch.as_tensor(inside & outside)
+
     def refine(
         self, result: Segmentation, volume: torch.Tensor, crop: Crop, region: torch.Tensor, start: Sequence[int],
-        background: np.ndarray, preset: str,
+        in_volume: torch.Tensor, band: torch.Tensor, background: np.ndarray, preset: str,
     ) -> None:
-        """Tile ``region`` (the (R, R, R) log-odds of the box at ``start``, changed in place) with crops at the
-        model's spacing, nearest the first click first."""
+        """Tile ``region`` (the (R, R, R) log-odds of the box at ``start``, changed in place; ``in_volume``: its
+        voxels inside the volume) with crops at the model's spacing, nearest the first click first; each decides
+        within ``band`` only."""
         side = region.shape[0]
         start = np.asarray(start)
-        in_volume = torch.zeros_like(region, dtype=torch.bool)
-        in_volume[tuple(slice(0, max(0, min(side, n - s))) for s, n in zip(start, volume.shape))] = True
         upper = np.maximum(np.minimum(np.asarray(volume.shape), start + side) - self.size, 0)
         tiles = []
         for local in plan_tiles((region > 0) & in_volume, self.size):
@@ -272,4 +287,5 @@ class Segmenter:
             bg = self.in_box(background, tile) - tile
             points = torch.as_tensor(np.concatenate([fg, bg])).reshape(-1, 3)
             labels = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))]).long()
-            region[box] = self.model.click_logits(encoding, points, labels, region[box].clone()).float().cpu()
+            answer = self.model.click_logits(encoding, points, labels, region[box].clone()).float().cpu()
+            region[box] = torch.where(band[box], answer, region[box])
