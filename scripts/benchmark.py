@@ -34,7 +34,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
-from lib.model import build_sam3d  # noqa: E402
+from lib.model import Clicks, build_sam3d  # noqa: E402
 
 
 def synchronize() -> None:
@@ -132,15 +132,16 @@ def model_figures(args) -> Dict[str, str]:
     crop = torch.randn(size, size, size, device=device)
     clicks = torch.tensor([[size // 2, size // 2 + 3, size // 2 - 5]], device=device)
     refine = clicks + torch.tensor([[2, -4, 6]], device=device)
+    first, refined = (Clicks.from_points(c, None, "crop") for c in (clicks, refine))
 
     def first_click():
-        return model.foreground_probability(model.encode(crop[None, None]), clicks)
+        return model.foreground_probability(model.encode(crop[None, None]), first)
 
     rows = {}
     rows["first click (s)"], prob = timed(first_click, args.repeats, "first click")
     encoding = model.encode(crop[None, None])
     rows["refinement click, cached (s)"], _ = timed(
-        lambda: model.foreground_probability(encoding, refine), args.repeats, "refinement"
+        lambda: model.foreground_probability(encoding, refined), args.repeats, "refinement"
     )
     # A correction-trained model's refinement: one decoder round that also reads the previous mask; the
     # authors' checkpoints take a background click through the rule instead (two decoder passes).

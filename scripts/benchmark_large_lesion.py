@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
 from lib.infers.cache import BoundedCache, tensor_bytes  # noqa: E402
 from lib.infers.segment import FollowBounds, Segmenter  # noqa: E402
-from lib.model import CONFIGS, CropEncoding, build_sam3d  # noqa: E402
+from lib.model import CONFIGS, Clicks, CropEncoding, build_sam3d  # noqa: E402
 from lib.phantoms import large_studies, write_studies  # noqa: E402
-from lib.trainers.clicks import protocol_click  # noqa: E402
+from lib.trainers.simulated_user import protocol_click  # noqa: E402
 from lib.trainers.data import load_labelled  # noqa: E402
 from lib.transforms.crops import plan_crops  # noqa: E402
 
@@ -58,7 +58,8 @@ def main() -> None:
                                      os.path.join(folder, "labels", "final", f"{study.name}.nii.gz"), "kits")
     volume, lesion = image[0], label[0].numpy()
     click, _ = protocol_click(np.zeros_like(lesion), lesion)
-    crops = plan_crops(click[None], np.zeros((0, 3), int), volume.shape, size)
+    clicks = Clicks(click[None], np.zeros((0, 3)), "model")
+    crops = plan_crops(clicks, volume.shape, size)
     bounds = FollowBounds(args.follow_max_extent, args.follow_max_crops)
 
     def segmenter() -> Segmenter:  # cold caches: a first click
@@ -69,7 +70,7 @@ def main() -> None:
         model.foreground_probability(model.encode(torch.zeros(1, 1, size, size, size, device=args.device)),
                                      torch.tensor([[size // 2] * 3]))
     start = time.perf_counter()
-    result = segmenter().segment(volume, crops, np.zeros((0, 3), int), "kits")
+    result = segmenter().segment(volume, crops, clicks, "kits")
     seconds = time.perf_counter() - start
     mask = result.prob.numpy() > 0.5
     print(json.dumps({

@@ -5,7 +5,7 @@
 
 DATA is an MSD-layout folder (imagesTr/ and labelsTr/, e.g. Task07_Pancreas) or a MONAI Label studies folder
 (images beside labels/final/). Each lesion (connected component of the tumour label) is clicked by the CVPR 2025
-interactive 3D segmentation challenge's protocol (lib/trainers/clicks.py protocol_click): the first click at its
+interactive 3D segmentation challenge's protocol (lib/trainers/simulated_user.py protocol_click): the first click at its
 deepest voxel, each next one at the deepest voxel of the largest error, foreground on a miss, background on a
 leak. Each request is served as the server serves it: crops planned on the clicks so far, and a lesion whose mask
 reaches a crop's face followed beyond it (zoomed out, then refined) within --follow-max-extent and

@@ -13,18 +13,16 @@ import logging
 import os
 import sys
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from evaluate import TUMOUR_LABEL, find_cases  # noqa: E402
-from lib.model import CONFIGS, build_sam3d, save_sam3d  # noqa: E402
-from lib.trainers.data import load_labelled  # noqa: E402
-from lib.trainers.fit import fit, select_trainable  # noqa: E402
+from lib.model import CONFIGS, build_sam3d  # noqa: E402
+from lib.model.build import ModelSource  # noqa: E402
+from lib.trainers.sam3d_trainer import TrainingJob, train_and_publish  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 
 
@@ -47,22 +45,29 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
-    select_trainable(model)
     model.to(args.device)
     model.bfloat16 = args.bfloat16 or args.device.startswith("cuda")
-    model.image_encoder.gradient_checkpointing = True
+    backbone = model.weights_info["backbone"]
 
     label_value = args.label_value or TUMOUR_LABEL.get(args.preset)
     cases = find_cases(args.data)
-    volumes = [load_labelled(image, label, args.preset, label_value) for _, image, label in tqdm(cases, desc="loading")]
-    losses, resumed_at = fit(
-        model, volumes, args.steps, PRESETS[args.preset], args.learning_rate, args.seed, state_path=args.out + ".state"
+    source = ModelSource(args.out, args.checkpoint, backbone, args.sam_checkpoint, model.bfloat16, args.device)
+    job = TrainingJob(
+        source=source,
+        preset=args.preset,
+        backbone=backbone,
+        train=[{"image": image, "label": label} for _, image, label in cases],
+        val=[],
+        skipped={},
+        options={"steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed,
+                 "activation_checkpointing": True},
+        publish_path=args.out,
+        stats_path=None,
+        state_path=args.out + ".state",
+        label_value=label_value,
     )
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    meta = {"preset": args.preset, "steps": args.steps, "train_images": len(cases), "train_loss": float(np.mean(losses[-20:]))}
-    save_sam3d(model, args.out, model.weights_info["backbone"], trained, meta=meta)
-    os.remove(args.out + ".state")
-    logging.info(f"{args.out}: {len(trained)} trained tensors, {args.steps} steps (resumed at {resumed_at})")
+    train_and_publish(model, job)
+    logging.info(f"{args.out}: {len(model.trained_names)} trained tensors, {args.steps} steps")
 
 
 if __name__ == "__main__":

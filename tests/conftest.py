@@ -1,11 +1,6 @@
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -15,6 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "apps", "sam3d")
 sys.path.insert(0, APP)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+# The tests start servers as the scripts do; the test files import these from here.
+from local_server import copy_app, free_port, start_server, stop_server  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
@@ -36,54 +34,6 @@ def tiny_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
     save_sam3d(model, path, "tiny", trainable_names(model))
     return path, model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(app, studies, conf, log_path, env=None, start_seconds=180):
-    """`monailabel start_server` on a free loopback port; returns (process, url) once /info/ answers.
-
-    The venv's bin folder goes first on PATH, as scripts/serve.sh does (MONAI Label looks there for tools)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), *conf]
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = {**os.environ, "PYTHONPATH": "", "PATH": path, **(env or {})}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + start_seconds
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/info/", timeout=5).read()
-            return proc, url
-        except urllib.error.HTTPError:  # up, but asking for credentials (authentication on)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start:\n{open(log_path).read()[-5000:]}")
-            time.sleep(1)
-
-
-def copy_app(folder):
-    """A copy of the app, so that what a server publishes or logs stays in a temporary folder."""
-    app = os.path.join(folder, "sam3d")
-    shutil.copytree(APP, app, ignore=lambda parent, names: [n for n in names if n == "__pycache__" or (
-        parent == APP and n in ("model", "logs"))])
-    return app
-
-
-def stop_server(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +121,7 @@ def trained_tiny_mixed(tmp_path_factory):
     (hard_studies' default seed; evaluations hold out other seeds): (checkpoint path, losses)."""
     from lib.model import build_sam3d, save_sam3d
     from lib.phantoms import hard_studies, random_studies, write_studies
-    from lib.trainers.fit import fit, select_trainable
+    from lib.trainers.fit import fit
     from lib.transforms.presets import PRESETS
 
     folder = str(tmp_path_factory.mktemp("training_mixed"))
@@ -180,8 +130,7 @@ def trained_tiny_mixed(tmp_path_factory):
     volumes = [load_kits(folder, s.name) for s in studies]
     torch.manual_seed(0)
     model = build_sam3d(backbone="tiny")
-    select_trainable(model)
     losses, _ = fit(model, volumes, 400, PRESETS["kits"], lr=1e-3)
     path = str(tmp_path_factory.mktemp("trained_mixed") / "tiny_mixed.pt")
-    save_sam3d(model, path, "tiny", [name for name, p in model.named_parameters() if p.requires_grad])
+    save_sam3d(model, path, "tiny", model.trained_names)
     return path, losses

@@ -20,7 +20,7 @@ def trained_tiny_large(tmp_path_factory):
     seed; the tests hold out another)."""
     from lib.model import build_sam3d, save_sam3d
     from lib.phantoms import large_studies, random_studies, write_studies
-    from lib.trainers.fit import fit, select_trainable
+    from lib.trainers.fit import fit
     from lib.transforms.presets import PRESETS
 
     folder = str(tmp_path_factory.mktemp("training_large"))
@@ -29,10 +29,9 @@ def trained_tiny_large(tmp_path_factory):
     volumes = [load_kits(folder, s.name) for s in studies]
     torch.manual_seed(0)
     model = build_sam3d(backbone="tiny")
-    select_trainable(model)
     fit(model, volumes, 400, PRESETS["kits"], lr=1e-3)
     path = str(tmp_path_factory.mktemp("trained_large") / "tiny_large.pt")
-    save_sam3d(model, path, "tiny", [name for name, p in model.named_parameters() if p.requires_grad])
+    save_sam3d(model, path, "tiny", model.trained_names)
     return path
 
 
@@ -92,21 +91,21 @@ def test_a_lesion_inside_one_crop_gives_the_same_mask_as_before(trained_tiny_lar
     (the crop planned on the click, encoded, decoded, pasted into zeros)."""
     from lib.infers.cache import BoundedCache, tensor_bytes
     from lib.infers.segment import Segmenter
-    from lib.model import CropEncoding, build_sam3d
+    from lib.model import Clicks, CropEncoding, build_sam3d
     from lib.transforms.crops import extract_crop, paste_max, plan_crops
-    from lib.trainers.clicks import interior_click
+    from lib.trainers.simulated_user import interior_click
 
     model = build_sam3d(checkpoint=trained_tiny_large)
     segmenter = Segmenter(model, "test", BoundedCache(2**28, CropEncoding.nbytes.fget), BoundedCache(2**26, tensor_bytes))
     for name in ("demo_ct_01", "demo_ct_03_oblique"):
         volume, label = load_kits(demo_studies, name)
         volume = volume[0]
-        click = interior_click(label[0].numpy())[None]
-        crops = plan_crops(click, np.zeros((0, 3), int), volume.shape, model.crop_size)
-        served = segmenter.segment(volume, crops, np.zeros((0, 3), int), "kits")
+        clicks = Clicks(interior_click(label[0].numpy())[None], np.zeros((0, 3)), "model")
+        crops = plan_crops(clicks, volume.shape, model.crop_size)
+        served = segmenter.segment(volume, crops, clicks, "kits")
         before = torch.zeros(volume.shape)
         encoding = model.encode(extract_crop(volume, crops[0])[None, None])
-        paste_max(before, model.foreground_probability(encoding, torch.as_tensor(crops[0].foreground)), crops[0].start)
+        paste_max(before, model.foreground_probability(encoding, crops[0].clicks), crops[0].start)
         assert len(served.crops) == 1 and not served.zoomed_crops and not served.growth_bounded
         assert (before > 0.5).sum() > 100  # the model finds the lesion
         assert torch.equal(served.prob, before)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.model import CONFIGS, CheckpointError, build_sam3d, create_model, freeze_backbone, save_sam3d, trainable_names
+from lib.model import CONFIGS, CheckpointError, Clicks, build_sam3d, create_model, freeze_backbone, save_sam3d, trainable_names
 from lib.model.image_encoder import (
     Block3d,
     relative_position_table,
@@ -151,14 +151,18 @@ def test_background_never_adds_foreground_and_removes_only_on_its_side():
     assert (combined[(bg > 0) & (bg > fg) & nearer_background] < 0).all()
 
 
+def crop_clicks(points, labels=None):
+    return Clicks.from_points(points, labels, "crop")
+
+
 def test_background_clicks_only_remove(tiny):
     perturb(tiny, 0.2)
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     encoding = tiny.encode(crop[None, None])
-    fg_only = tiny.foreground_probability(encoding, torch.tensor([[10, 10, 10]]))
-    both = tiny.foreground_probability(encoding, torch.tensor([[10, 10, 10], [25, 5, 20]]), torch.tensor([1, 0]))
+    fg_only = tiny.foreground_probability(encoding, crop_clicks([[10, 10, 10]]))
+    both = tiny.foreground_probability(encoding, crop_clicks([[10, 10, 10], [25, 5, 20]], [1, 0]))
     assert (both <= fg_only).all()
-    nothing = tiny.foreground_probability(encoding, torch.tensor([[25, 5, 20]]), torch.tensor([0]))
+    nothing = tiny.foreground_probability(encoding, crop_clicks([[25, 5, 20]], [0]))
     assert (nothing == 0).all()
 
 
@@ -201,7 +205,7 @@ def test_corrections_replay_in_an_order_the_request_decides_and_reuse_earlier_ro
     tiny.correction_trained = True
     encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     points, labels = torch.tensor([[8, 16, 16], [24, 16, 16], [12, 10, 20]]), torch.tensor([1, 0, 1])
-    fresh = tiny.correction_logits(encoding, points, labels)
+    fresh = tiny.correction_logits(encoding, crop_clicks(points, labels))
     # by hand: foreground clicks first (in order sent), then background; each round sees the previous one
     order = [0, 2, 1]
     previous = None
@@ -211,9 +215,10 @@ def test_corrections_replay_in_an_order_the_request_decides_and_reuse_earlier_ro
     assert torch.equal(fresh, previous)
 
     memo = CountingMemo()
-    assert torch.equal(tiny.correction_logits(encoding, points[:2], labels[:2], memo), tiny.correction_logits(encoding, points[:2], labels[:2]))
+    first_two = crop_clicks(points[:2], labels[:2])
+    assert torch.equal(tiny.correction_logits(encoding, first_two, memo), tiny.correction_logits(encoding, first_two))
     assert memo.computed == 2
-    assert torch.equal(tiny.correction_logits(encoding, points, labels, memo), fresh)  # with the memo: same answer
+    assert torch.equal(tiny.correction_logits(encoding, crop_clicks(points, labels), memo), fresh)  # with the memo: same answer
     assert memo.computed == 4  # round (fg0) was reused; (fg0, fg2) and (fg0, fg2, bg1) were new
 
 
@@ -222,7 +227,7 @@ def test_cached_refinement_equals_full_recompute(tiny):
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     points = torch.tensor([[4, 20, 9], [6, 22, 11]])
     encoding = tiny.encode(crop[None, None])
-    assert torch.equal(tiny.foreground_probability(encoding, points), tiny.predict_crop(crop, points))
+    assert torch.equal(tiny.foreground_probability(encoding, crop_clicks(points)), tiny.predict_crop(crop, points))
 
 
 def test_frozen_and_trainable_parts_follow_the_paper(tiny):
@@ -318,6 +323,17 @@ def test_authors_format_round_trips(tiny, tmp_path):
     points = torch.tensor([[5, 9, 30]])
     assert torch.equal(loaded.predict_crop(crop, points), tiny.predict_crop(crop, points))
     assert "authors' format" in loaded.weights_info["adapters"]
+
+
+def test_what_trains_is_decided_once_by_whether_the_backbone_is_pretrained(tiny, tmp_path):
+    random_backbone = build_sam3d(backbone="tiny")
+    assert random_backbone.trained_names == [n for n, _ in random_backbone.named_parameters()]
+    assert all(p.requires_grad for p in random_backbone.parameters())
+    path = tmp_path / "last.pth.tar"
+    torch.save(to_authors_format(tiny), path)
+    pretrained = build_sam3d(checkpoint=str(path), backbone="tiny")
+    assert pretrained.trained_names == list(trainable_names(pretrained))
+    assert [n for n, p in pretrained.named_parameters() if p.requires_grad] == pretrained.trained_names
 
 
 def test_authors_checkpoint_with_an_unknown_or_missing_key_is_refused(tiny, tmp_path):

@@ -9,7 +9,10 @@ from scipy import ndimage
 import torch
 from monai.transforms import EnsureChannelFirstd, LoadImaged
 
-from lib.transforms.clicks import MAX_CLICKS, InvalidRequest, MapClicksToImaged, map_indices, parse_clicks, validate_clicks
+from lib.errors import InvalidRequest
+from lib.model import Clicks
+from lib.transforms.grid import map_indices
+from lib.transforms.request_clicks import MAX_CLICKS, MapClicksToImaged, parse_clicks, validate_clicks
 from lib.transforms.crops import extract_crop, paste_max, plan_crops
 from lib.transforms.presets import PRESETS, spatial_transforms
 from lib.transforms.resample import ResampleToOriginalGridd
@@ -65,19 +68,19 @@ def test_map_indices_follows_world_coordinates_through_a_permuted_flipped_grid()
 def test_clicks_close_together_share_a_crop_and_far_ones_get_their_own():
     fg = np.array([[50, 50, 50], [60, 55, 40], [150, 150, 150]])
     bg = np.array([[52, 52, 52], [100, 100, 100], [300, 300, 300]])
-    crops = plan_crops(fg, bg, (400, 400, 400), 128)
+    crops = plan_crops(Clicks(fg, bg, "model"), (400, 400, 400), 128)
     assert len(crops) == 2
     first, second = crops
-    assert len(first.foreground) == 2 and len(second.foreground) == 1
+    assert len(first.clicks.foreground) == 2 and len(second.clicks.foreground) == 1
     assert first.start == (0, 0, 0) and second.start == (86, 86, 86)
-    assert first.background.tolist() == [[52, 52, 52], [100, 100, 100]]
-    assert second.background.tolist() == [[14, 14, 14]]  # (100, 100, 100) lies in both; (300, ...) in neither
+    assert first.clicks.background.tolist() == [[52, 52, 52], [100, 100, 100]]
+    assert second.clicks.background.tolist() == [[14, 14, 14]]  # (100, 100, 100) lies in both; (300, ...) in neither
     for crop in crops:
-        assert ((crop.foreground >= 0) & (crop.foreground < 128)).all()
+        assert crop.clicks.frame == "crop" and ((crop.clicks.foreground >= 0) & (crop.clicks.foreground < 128)).all()
 
 
 def test_a_crop_stays_inside_the_volume_and_pads_a_small_one():
-    crops = plan_crops(np.array([[2, 2, 2]]), np.zeros((0, 3), int), (300, 50, 300), 128)
+    crops = plan_crops(model_clicks([[2, 2, 2]]), (300, 50, 300), 128)
     assert crops[0].start == (0, 0, 0)
     volume = torch.arange(300 * 50 * 300, dtype=torch.float32).reshape(300, 50, 300)
     pixels = extract_crop(volume, crops[0])
@@ -88,8 +91,12 @@ def test_a_crop_stays_inside_the_volume_and_pads_a_small_one():
     assert prob.sum() == 128 * 50 * 128
 
 
+def model_clicks(foreground):
+    return Clicks(np.array(foreground), np.zeros((0, 3)), "model")
+
+
 def preprocess(path, clicks=None):
-    data = {"image": path, "clicks": clicks or {"foreground": np.zeros((0, 3), int)}}
+    data = {"image": path, "clicks": clicks or Clicks(np.zeros((0, 3)), np.zeros((0, 3)), "image")}
     for t in [LoadImaged(keys="image", reader="ITKReader"), EnsureChannelFirstd(keys="image"),
               *spatial_transforms(PRESETS["kits"]), MapClicksToImaged(keys="image")]:
         data = t(data)
@@ -103,8 +110,8 @@ def test_a_lesion_click_lands_on_the_lesion_after_reorienting_and_resampling(dem
     for lesion in range(1, ndimage.label(label)[1] + 1):
         inside = ndimage.label(label)[0] == lesion
         click = np.unravel_index(ndimage.distance_transform_edt(inside).argmax(), label.shape)  # deepest voxel
-        data = preprocess(label_path, {"foreground": np.array([click])})  # the label, moved like an image
-        mapped = data["clicks"]["foreground"][0]
+        data = preprocess(label_path, Clicks([click], np.zeros((0, 3)), "image"))  # the label, moved like an image
+        mapped = data["clicks"].foreground[0]
         assert data["image"][(0, *mapped)] > 0.5, (click, mapped)
 
 
@@ -144,9 +151,9 @@ def test_every_preset_normalises_a_ct_volume_to_finite_values(demo_studies, name
 def test_crop_coordinates_of_a_click_address_the_same_voxel_as_in_the_volume():
     volume = torch.randn(150, 90, 200)
     fg = np.array([[10, 80, 190], [140, 5, 3]])
-    for crop in plan_crops(fg, np.zeros((0, 3), int), volume.shape, 64):
+    for crop in plan_crops(Clicks(fg, np.zeros((0, 3)), "model"), volume.shape, 64):
         pixels = extract_crop(volume, crop)
-        for local in crop.foreground:
+        for local in crop.clicks.foreground:
             assert pixels[tuple(local)] == volume[tuple(local + np.asarray(crop.start))]
 
 
@@ -171,11 +178,11 @@ def test_resampling_only_around_the_crops_gives_the_same_mask(demo_studies, name
 
 def test_a_refinement_click_keeps_the_crop_it_falls_in():
     shape = (300, 300, 300)
-    first = plan_crops(np.array([[100, 100, 100]]), np.zeros((0, 3), int), shape, 128)[0]
+    first = plan_crops(model_clicks([[100, 100, 100]]), shape, 128)[0]
     assert first.start == (36, 36, 36)
-    refined = plan_crops(np.array([[100, 100, 100], [110, 95, 120]]), np.zeros((0, 3), int), shape, 128)
+    refined = plan_crops(model_clicks([[100, 100, 100], [110, 95, 120]]), shape, 128)
     assert refined[0].start == first.start  # not re-centred: the cached encoding stays valid
-    far = plan_crops(np.array([[100, 100, 100], [150, 100, 100]]), np.zeros((0, 3), int), shape, 128)
+    far = plan_crops(model_clicks([[100, 100, 100], [150, 100, 100]]), shape, 128)
     assert far[0].start != first.start  # 150 lies within an eighth of a crop of the face at 164: re-centre
 
 

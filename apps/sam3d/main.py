@@ -27,7 +27,7 @@ from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import DICOMwebStudies, bounded_client
 from lib.endpoints import check_infer_request, install_endpoints, is_request_file
 from lib.settings import Settings
-from lib.transforms.clicks import InvalidRequest
+from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 

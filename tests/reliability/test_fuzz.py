@@ -7,7 +7,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lib.transforms.clicks import MAX_CLICKS, InvalidRequest, validate_clicks
+from lib.errors import InvalidRequest
+from lib.transforms.request_clicks import MAX_CLICKS, validate_clicks
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=4),
@@ -41,8 +42,8 @@ def test_click_parsing_accepts_valid_clicks_or_says_why_not(request, shape):
     except InvalidRequest as e:
         assert str(e)
         return
-    assert len(clicks["foreground"]) > 0 and sum(len(c) for c in clicks.values()) <= MAX_CLICKS
-    for points in clicks.values():
+    assert len(clicks.foreground) > 0 and len(clicks) <= MAX_CLICKS and clicks.frame == "image"
+    for points in (clicks.foreground, clicks.background):
         assert points.dtype == np.int64 and points.shape[1] == 3
         assert ((points >= 0) & (points < np.array(shape))).all()
 

@@ -29,7 +29,7 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import is_score
 from lib.files import atomic_copy, atomic_write, remove_partial_files, sync_folder
-from lib.transforms.clicks import require_complete_nifti
+from lib.nifti import require_complete_nifti
 
 logger = logging.getLogger(__name__)
 

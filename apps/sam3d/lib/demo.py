@@ -16,15 +16,15 @@ import torch
 from lib.model import build_sam3d, save_sam3d
 from lib.phantoms import random_studies, write_studies
 from lib.trainers.data import load_labelled
-from lib.trainers.fit import fit, select_trainable
+from lib.trainers.fit import fit
 from lib.transforms.presets import PRESETS
 
 logger = logging.getLogger(__name__)
 
 DEMO_FILE = "sam3d_demo_tiny.pt"
 DEMO_PRESET = "kits"  # the server's default preset, which the demo click uses
-# The recipe of the learning test (tests/test_learning.py): about 70 s on 2 CPU cores, and one click on each
-# held-out demo lesion gives a Dice of about 0.88 (docs/evaluation.md).
+# The recipe of the learning test (tests/test_learning.py); its time is in the README, the Dice it gives on the
+# held-out demo lesions in docs/evaluation.md.
 DEMO_STUDIES = 12
 DEMO_STEPS = 400
 DEMO_LEARNING_RATE = 1e-3
@@ -50,9 +50,7 @@ def demo_weights(model_dir: str) -> str:
         ]
     torch.manual_seed(0)
     model = build_sam3d(backbone="tiny")
-    select_trainable(model)
     losses, _ = fit(model, volumes, DEMO_STEPS, PRESETS[DEMO_PRESET], lr=DEMO_LEARNING_RATE)
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
     meta = {
         "demo": True,
         "preset": DEMO_PRESET,
@@ -62,6 +60,6 @@ def demo_weights(model_dir: str) -> str:
         "train_loss": float(np.mean(losses[-20:])),
         "total_time": round(time.time() - start, 1),
     }
-    save_sam3d(model, path, "tiny", trained, meta=meta)
+    save_sam3d(model, path, "tiny", model.trained_names, meta=meta)
     logger.warning(f"sam3d: demo weights written to {path} in {time.time() - start:.0f}s")
     return path

@@ -30,7 +30,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.task import AsyncTask
 
-from lib.transforms.clicks import InvalidRequest
+from lib.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 

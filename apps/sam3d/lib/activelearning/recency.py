@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.transforms.clicks import is_finite_number
+from lib.transforms.request_clicks import is_finite_number
 
 
 class Random(Strategy):

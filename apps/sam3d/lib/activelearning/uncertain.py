@@ -16,7 +16,7 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.transforms.clicks import is_finite_number
+from lib.transforms.request_clicks import is_finite_number
 
 logger = logging.getLogger(__name__)
 

@@ -10,24 +10,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirstd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.activelearning.uncertain import mask_uncertainty
-from lib.model import CheckpointError, CropEncoding, Sam3D
+from lib.model import CheckpointError, Clicks, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
-from lib.transforms.clicks import (
-    InvalidRequest,
-    LoadImageOrRejectd,
-    MapClicksToImaged,
-    ReplaceNonFinited,
-    RequireSingleChannel3Dd,
-    ValidateClicksd,
-)
+from lib.errors import InvalidRequest
+from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
 from lib.transforms.crops import Crop, plan_crops
 from lib.transforms.keys import CLICKS, CROP_BOXES, IMAGE, PRED, from_cache
-from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
+from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
 from .cache import BoundedCache, file_key, tensor_bytes
@@ -94,7 +87,7 @@ class Sam3DInfer(BasicInferTask):
         start = time.time()
         with self._model_lock:
             encoding = self.model.encode(torch.zeros(1, 1, size, size, size, device=self.device))
-            self.model.foreground_probability(encoding, torch.tensor([[size // 2] * 3]))
+            self.model.foreground_probability(encoding, Clicks([[size // 2] * 3], np.zeros((0, 3)), "crop"))
         self.warmed_up.set()
         logger.info(f"sam3d: warm-up done in {time.time() - start:.1f}s")
 
@@ -136,7 +129,13 @@ class Sam3DInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return True
 
+    def __call__(self, request: Dict[str, Any], callbacks=None):
+        # The request checked once: every step after reads data["preset"] as a known preset's name.
+        request = {**request, "preset": self.preset_name({**self._config, **request})}
+        return super().__call__(request, callbacks)
+
     def preset_name(self, data: Dict[str, Any]) -> str:
+        """The request's preset (Slicer sends the config's list, whose first item is the choice), checked."""
         preset = data.get("preset")
         preset = preset[0] if isinstance(preset, (list, tuple)) and preset else preset
         if not isinstance(preset, str) or preset not in PRESETS:
@@ -148,16 +147,8 @@ class Sam3DInfer(BasicInferTask):
         return preset
 
     def pre_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
-        name = self.preset_name(data or {})
-        preset = PRESETS[name]
-        preprocess = [
-            LoadImageOrRejectd(keys="image", reader="ITKReader"),
-            EnsureChannelFirstd(keys="image"),
-            RequireSingleChannel3Dd(keys="image"),
-            ReplaceNonFinited(keys="image"),
-            *spatial_transforms(preset, max_megavoxels=self.max_megavoxels),
-            *intensity_transforms(preset),
-        ]
+        name = data["preset"]
+        preprocess = preprocessing(PRESETS[name], max_megavoxels=self.max_megavoxels)
         return [
             CachedPreprocessd(IMAGE, preprocess, self.volumes, lambda path: file_key(path, name)),
             ValidateClicksd(keys=IMAGE),
@@ -174,7 +165,7 @@ class Sam3DInfer(BasicInferTask):
         """The model's part of a request: the newest published model, the crops of the clicks (bounded), the
         segmentation (crops, lesions followed beyond them), and the result JSON."""
         self.reload_if_published()
-        preset = self.preset_name(data)
+        preset = data["preset"]  # checked once per request (__call__)
         image: MetaTensor = data[IMAGE]
         volume = image[0].as_tensor().float()
         clicks = data[CLICKS]
@@ -182,16 +173,16 @@ class Sam3DInfer(BasicInferTask):
         with self._model_lock:  # one request's crops through the model at a time: no doubled peak memory
             segmenter = Segmenter(self.model, self.model_version, self.cache, self.rounds, self.follow_bounds)
             start = time.time()
-            segmentation = segmenter.segment(volume, crops, clicks["background"], preset)
+            segmentation = segmenter.segment(volume, crops, clicks, preset)
             seconds = time.time() - start
         data[PRED] = MetaTensor(segmentation.prob[None], meta=dict(image.meta))  # the meta holds the model grid's affine
         data[CROP_BOXES] = segmentation.boxes
         data["result"] = self.report(data, preset, segmentation, seconds)
         return data
 
-    def planned_crops(self, shape: Sequence[int], clicks: Dict[str, np.ndarray]) -> List[Crop]:
+    def planned_crops(self, shape: Sequence[int], clicks: Clicks) -> List[Crop]:
         """The crops of the request's click groups, bounded (following a lesion beyond them is bounded apart)."""
-        crops = plan_crops(clicks["foreground"], clicks["background"], shape, self.model.crop_size)
+        crops = plan_crops(clicks, shape, self.model.crop_size)
         if len(crops) > self.max_crops:  # each crop is an encoder pass, which holds the model for every user
             raise InvalidRequest(f"these clicks need {len(crops)} crops (clicks more than half a crop apart get one "
                                  f"each); at most {self.max_crops} are run per request (--conf max_crops)")

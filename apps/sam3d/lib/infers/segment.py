@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from lib.model import CropEncoding, Sam3D
+from lib.model import Clicks, CropEncoding, Sam3D
 from lib.transforms.crops import Crop, box_slices, crop_start, extract_box, paste_max, zoomed_box
 
 from .cache import BoundedCache, CropRounds, crop_key
@@ -33,6 +33,9 @@ from .cache import BoundedCache, CropRounds, crop_key
 # A mask reaches a face when at least this fraction of the face is foreground (a speck of noise or the tip of a
 # thin leak does not start following).
 FACE_CONTACT = 0.01
+# A mask that fills this much of its crop belongs to a lesion about the crop's size or larger: look wider even when
+# it stays off the faces (a crop that sees only the inside of a large lesion tends to get a round blob inside it).
+FILLED_CROP = 0.4
 ZOOM_STEP = 1.5  # each zoom-out level sees 1.5x more per side (nnInteractive's step)
 # Refining tiles cover the coarse mask with this margin (in crops) so that its border is seen with context.
 TILE_MARGIN = 1 / 16
@@ -139,17 +142,15 @@ class Segmenter:
         self.size = model.crop_size
 
     @torch.no_grad()
-    def segment(
-        self, volume: torch.Tensor, crops: List[Crop], background: np.ndarray, preset: str
-    ) -> Segmentation:
-        """volume: (D, H, W) pre-processed; crops: ``plan_crops``' for the request; background: (M, 3) all background clicks of the
-        request, on the model's grid (the zoomed-out crops and tiles take those that fall inside them)."""
+    def segment(self, volume: torch.Tensor, crops: List[Crop], clicks: Clicks, preset: str) -> Segmentation:
+        """volume: (D, H, W) pre-processed; crops: ``plan_crops``' for the request's ``clicks`` (``"model"`` frame),
+        whose background clicks also go to the zoomed-out crops and tiles they fall in."""
+        background = clicks.background
         result = Segmentation(torch.zeros(volume.shape))
         for crop in crops:
             result.crops.append(list(crop.start))
-            logits = self.crop_logits(result, extract_box(volume, crop.start, self.size), crop.foreground,
-                                      crop.background, preset)
-            if not reaches_face(logits > 0, crop.start, self.size, volume.shape):
+            logits = self.crop_logits(result, extract_box(volume, crop.start, self.size), crop.clicks, preset)
+            if not self.beyond_crop(logits > 0, crop.start, volume.shape):
                 paste_max(result.prob, logits.sigmoid(), crop.start)
                 result.boxes.append((crop.start, self.size))
                 continue
@@ -164,6 +165,10 @@ class Segmenter:
             result.boxes.append((start, region.shape[0]))
         return result
 
+    def beyond_crop(self, mask: torch.Tensor, start: Sequence[int], shape: Sequence[int]) -> bool:
+        """Whether the lesion of a crop's mask may go on beyond the crop."""
+        return reaches_face(mask, start, self.size, shape) or float(mask.float().mean()) >= FILLED_CROP
+
     def encode(self, result: Segmentation, pixels: torch.Tensor, preset: str) -> Tuple[CropEncoding, str]:
         key = crop_key(pixels, self.version, preset)
         encoding = self.cache.get(key)
@@ -175,15 +180,11 @@ class Segmenter:
             result.cache_hits += 1
         return encoding, key
 
-    def crop_logits(
-        self, result: Segmentation, pixels: torch.Tensor, foreground: np.ndarray, background: np.ndarray, preset: str
-    ) -> torch.Tensor:
-        """A crop's foreground log-odds (S, S, S) for the request's clicks in it (crop indices), every click
+    def crop_logits(self, result: Segmentation, pixels: torch.Tensor, clicks: Clicks, preset: str) -> torch.Tensor:
+        """A crop's foreground log-odds (S, S, S) for the request's clicks in it (``"crop"`` frame), every click
         replayed as the server replays a request (``Sam3D.correction_logits``)."""
         encoding, key = self.encode(result, pixels, preset)
-        points = torch.as_tensor(np.concatenate([foreground, background])).reshape(-1, 3)
-        labels = torch.cat([torch.ones(len(foreground)), torch.zeros(len(background))]).long()
-        return self.model.correction_logits(encoding, points, labels, CropRounds(self.rounds, key)).float().cpu()
+        return self.model.correction_logits(encoding, clicks, CropRounds(self.rounds, key)).float().cpu()
 
     def follow(
         self, result: Segmentation, volume: torch.Tensor, crop: Crop, logits: torch.Tensor, background: np.ndarray,
@@ -211,7 +212,7 @@ class Segmenter:
         """Predict on ever larger boxes about the crop's centre, averaged down to the crop's size, until the mask
         stays off the box's faces or the bounds stop it: (start, side, (S, S, S) log-odds) of the last, or None."""
         centre = np.asarray(crop.start) + self.size // 2
-        foreground = crop.foreground + np.asarray(crop.start)
+        foreground = crop.clicks.foreground + np.asarray(crop.start)
         zoom, coarse = 1.0, None
         while True:
             if zoom >= self.bounds.max_extent or result.follow_crops >= self.bounds.max_crops:
@@ -223,9 +224,8 @@ class Segmenter:
             scale = self.size / side
             pixels = zoomed_box(volume, start, side, self.size)
             inside = self.in_box(background, start, side)
-            logits = self.crop_logits(
-                result, pixels, self.to_box(foreground, start, scale), self.to_box(inside, start, scale), preset
-            )
+            zoomed = Clicks(self.to_box(foreground, start, scale), self.to_box(inside, start, scale), "crop")
+            logits = self.crop_logits(result, pixels, zoomed, preset)
             result.zoomed_crops.append({"start": list(start), "size": side, "zoom": round(zoom, 4)})
             result.follow_crops += 1
             coarse = (start, side, logits)
@@ -266,9 +266,9 @@ class Segmenter:
             tile = np.clip(np.clip(np.asarray(local), 0, side - self.size) + start, 0, upper)
             if tuple(tile) != tuple(crop.start) and tuple(tile) not in tiles:
                 tiles.append(tuple(int(t) for t in tile))
-        click = crop.foreground[0] + np.asarray(crop.start)
+        foreground = crop.clicks.foreground + np.asarray(crop.start)
+        click = foreground[0]
         tiles.sort(key=lambda t: (float(np.linalg.norm(np.asarray(t) + self.size / 2 - click)), t))
-        foreground = crop.foreground + np.asarray(crop.start)
         for tile in tiles:
             box = box_slices(np.asarray(tile) - start, self.size)
             mask = (region[box] > 0) & in_volume[box]
@@ -285,7 +285,6 @@ class Segmenter:
             if len(fg) == 0:
                 fg = deepest_voxel(mask.numpy())[None]
             bg = self.in_box(background, tile) - tile
-            points = torch.as_tensor(np.concatenate([fg, bg])).reshape(-1, 3)
-            labels = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))]).long()
+            points, labels = Clicks(fg, bg, "crop").points_and_labels()
             answer = self.model.click_logits(encoding, points, labels, region[box].clone()).float().cpu()
             region[box] = torch.where(band[box], answer, region[box])

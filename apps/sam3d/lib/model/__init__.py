@@ -2,11 +2,13 @@
 
 from .build import CONFIGS, Sam3DConfig, build_sam3d, create_model, freeze_backbone, trainable_names
 from .checkpoints import CheckpointError, save_sam3d
+from .clicks import Clicks
 from .sam3d import CropEncoding, Sam3D
 
 __all__ = [
     "CONFIGS",
     "CheckpointError",
+    "Clicks",
     "CropEncoding",
     "Sam3D",
     "Sam3DConfig",

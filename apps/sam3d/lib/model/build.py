@@ -4,7 +4,7 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -86,11 +86,22 @@ def trainable_names(model: nn.Module) -> Sequence[str]:
 
 def freeze_backbone(model: nn.Module) -> Tuple[int, int]:
     """Set requires_grad as in the paper; returns (trainable, total) parameter counts."""
-    trainable = set(trainable_names(model))
+    return train_only(model, trainable_names(model))
+
+
+def train_only(model: nn.Module, names: Sequence[str]) -> Tuple[int, int]:
+    """requires_grad on the parameters ``names``, off on the others; returns (trainable, total) parameter counts."""
+    names = set(names)
     for name, param in model.named_parameters():
-        param.requires_grad = name in trainable
+        param.requires_grad = name in names
     counts = [p.numel() for p in model.parameters() if p.requires_grad], [p.numel() for p in model.parameters()]
     return sum(counts[0]), sum(counts[1])
+
+
+def trained_names(model: nn.Module, pretrained_backbone: bool) -> List[str]:
+    """What training updates: over a pretrained backbone (SAM's, or the authors' whole encoder) the paper's
+    parameter-efficient parts; over a random one everything (frozen random weights only cripple the model)."""
+    return list(trainable_names(model)) if pretrained_backbone else [name for name, _ in model.named_parameters()]
 
 
 def backbone_of_authors_checkpoint(obj: dict) -> str:
@@ -145,19 +156,22 @@ def build_sam3d(
 
     model = create_model(CONFIGS[backbone])
     reports = []
+    sam_path = checkpoint if kind == "sam" else sam_checkpoint
+    # The one fact that decides what trains: whether the image backbone holds pretrained weights.
+    pretrained_backbone = kind == "authors" or bool(sam_path)
     if kind == "authors":
         reports.append(load_authors(model, obj, checkpoint))
     else:
-        sam_path = checkpoint if kind == "sam" else sam_checkpoint
         if sam_path:
             reports.append(load_sam(model, obj if kind == "sam" else read_checkpoint(sam_path), sam_path))
         if kind == "sam3d":
             reports.append(load_sam3d(model, obj, checkpoint))
     meta = obj.get("meta", {}) if kind == "sam3d" else {}
     model.correction_trained = bool(meta.get("correction_trained"))
-    model.weights_info = describe_weights(backbone, kind, checkpoint, sam_checkpoint, reports, meta)
+    model.weights_info = describe_weights(backbone, kind, checkpoint, sam_checkpoint, reports, meta, pretrained_backbone)
 
-    trainable, total = freeze_backbone(model)
+    model.trained_names = trained_names(model, pretrained_backbone)
+    trainable, total = train_only(model, model.trained_names)
     logger.info(f"sam3d {backbone}: {trainable:,} trainable of {total:,} parameters")
     return model.eval()
 
@@ -176,6 +190,7 @@ def describe_weights(
     sam_checkpoint: Optional[str],
     reports: Sequence[LoadReport],
     meta: dict,
+    pretrained_backbone: bool,
 ) -> dict:
     """Where the weights came from, as /info/ shows it: ``state`` is authors | trained | demo | untrained, and
     ``warning`` (None when the weights are fit to use) is what every surface says about them."""
@@ -185,7 +200,6 @@ def describe_weights(
     else:
         sam = sam_path or "random initialisation (no SAM checkpoint)"
         adapters = f"{checkpoint} (sam3d format)" if kind == "sam3d" else "untrained (initialisation)"
-    pretrained_backbone = kind == "authors" or bool(sam_path)
     if kind == "authors":
         state, warning = "authors", None
     elif kind == "sam3d" and meta.get("demo"):

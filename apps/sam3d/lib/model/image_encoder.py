@@ -58,7 +58,7 @@ class SpatialAdapter(nn.Module):
         """x: (B, D, H, W, C) -> (B, D, H, W, C)."""
         y = F.relu(self.linear1(x))
         # In float32 even under autocast: cuDNN's bfloat16 weight gradient of a depthwise 3D convolution runs
-        # one kernel per channel (measured on an H100: 3 s of a 4 s training step); float32 takes milliseconds.
+        # one kernel per channel, most of a GPU training step (docs/benchmarks.md); float32 takes milliseconds.
         with torch.autocast(x.device.type, enabled=False):
             z = self.conv(y.movedim(-1, 1).float()).movedim(1, -1)
         return x + F.relu(self.linear2(F.relu(z).to(y.dtype)))

@@ -5,12 +5,13 @@ Public axis convention: a crop is a ``(D, H, W)`` array (batched: ``(B, 1, D, H,
 """
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import List, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clicks import Clicks
 from .image_encoder import ImageEncoder3d
 from .mask_decoder import MaskDecoder3d
 from .prompt_encoder import PromptEncoder3d
@@ -72,6 +73,8 @@ class Sam3D(nn.Module):
         self.mask_decoder = mask_decoder
         self.crop_size = crop_size
         self.weights_info: dict = {}  # where the weights came from, filled by build_sam3d
+        # The parameters training updates (their requires_grad is on), decided once by build_sam3d.
+        self.trained_names: List[str] = [name for name, _ in self.named_parameters()]
         # Trained as users correct (training's correction rounds): background clicks are prompts of their own type
         # and each click sees the previous prediction. Otherwise (the authors' checkpoints) background clicks act
         # through exclude_background and all clicks are decoded at once.
@@ -136,22 +139,18 @@ class Sam3D(nn.Module):
             logit = exclude_background(logit, logits_bg[1] - logits_bg[0], nearer_to_background(points, labels, self.crop_size))
         return logit
 
-    def correction_logits(
-        self, encoding: CropEncoding, points: torch.Tensor, labels: torch.Tensor, memo: Optional["PrefixMemo"] = None
-    ) -> torch.Tensor:
-        """Foreground log-odds (S, S, S) after all clicks, for a request that carries every click of the segment.
+    def correction_logits(self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None) -> torch.Tensor:
+        """Foreground log-odds (S, S, S) after all ``clicks`` (``"crop"`` frame), for a request that carries every
+        click of the segment.
 
         A correction-trained model replays the clicks one round each, every round seeing the previous round's
-        prediction, in a canonical order that only the request decides (foreground clicks, then background
-        clicks, each in the order sent: clients send no order between the two lists). The same request thus
-        always gets the same answer, whoever clicked before and whether or not the server restarted. ``memo``
-        keeps rounds already computed (a refinement that adds a click replays one round); other models decode
-        all clicks at once. points: (N, 3) crop indices; labels: (N,) 1 = foreground, 0 = background."""
-        points, labels = torch.as_tensor(points).reshape(-1, 3), torch.as_tensor(labels).reshape(-1)
+        prediction, in the order that only the request decides (``Clicks.points_and_labels``). The same request
+        thus always gets the same answer, whoever clicked before and whether or not the server restarted.
+        ``memo`` keeps rounds already computed (a refinement that adds a click replays one round); other models
+        decode all clicks at once."""
+        points, labels = clicks.points_and_labels(encoding.deep.device)
         if not self.correction_trained:
             return self.click_logits(encoding, points, labels)
-        order = torch.cat([torch.nonzero(labels == 1)[:, 0], torch.nonzero(labels == 0)[:, 0]])
-        points, labels = points[order], labels[order]
         previous, start = None, 0
         if memo is not None:
             for rounds in range(len(points), 0, -1):
@@ -167,22 +166,16 @@ class Sam3D(nn.Module):
 
     @torch.no_grad()
     def foreground_probability(
-        self,
-        encoding: CropEncoding,
-        points: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
-        memo: Optional["PrefixMemo"] = None,
+        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None
     ) -> torch.Tensor:
-        """points: (N, 3) (d, h, w) crop indices; labels: (N,) 1 = foreground, 0 = background (default all 1);
-        memo: see :meth:`correction_logits`.
+        """clicks: (d, h, w) indices of the encoded crop (``"crop"`` frame); memo: see :meth:`correction_logits`.
 
         Returns (S, S, S) foreground probability; zeros when there is no foreground click."""
-        device = encoding.deep.device
-        points = torch.as_tensor(points, device=device).reshape(-1, 3)
-        labels = torch.ones(len(points), dtype=torch.long, device=device) if labels is None else labels.to(device)
-        if not (labels == 1).any():
-            return torch.zeros((self.crop_size,) * 3, device=device)
-        return self.correction_logits(encoding, points, labels, memo).sigmoid()
+        if clicks.frame != "crop":
+            raise ValueError(f"the model takes clicks in the crop's frame, not the {clicks.frame!r} frame")
+        if len(clicks.foreground) == 0:
+            return torch.zeros((self.crop_size,) * 3, device=encoding.deep.device)
+        return self.correction_logits(encoding, clicks, memo).sigmoid()
 
     def predict_crop(
         self,
@@ -204,4 +197,4 @@ class Sam3D(nn.Module):
         if ((points < 0) | (points >= self.crop_size)).any():
             raise ValueError(f"points must lie inside the crop [0, {self.crop_size}): {points.tolist()}")
         encoding = self.encode(crop[None, None])
-        return self.foreground_probability(encoding, points, labels).float().cpu()
+        return self.foreground_probability(encoding, Clicks.from_points(points, labels, "crop")).float().cpu()

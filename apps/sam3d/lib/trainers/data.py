@@ -1,12 +1,10 @@
-"""Labelled volumes for training and validation, pre-processed exactly as inference does it."""
+"""Labelled volumes for training and validation, pre-processed by inference's own transforms (presets.preprocessing)."""
 
 from typing import Optional, Tuple
 
 import torch
-from monai.transforms import EnsureChannelFirstd, LoadImaged
 
-from lib.transforms.clicks import ReplaceNonFinited
-from lib.transforms.presets import PRESETS, intensity_transforms, spatial_transforms
+from lib.transforms.presets import PRESETS, preprocessing
 
 
 def load_labelled(
@@ -16,14 +14,7 @@ def load_labelled(
 
     The label is the voxels equal to ``label_value`` (e.g. 2 for the tumour in KiTS), or all non-zero ones."""
     data = {"image": image_path, "label": label_path}
-    keys = ("image", "label")
-    for t in [
-        LoadImaged(keys=keys, reader="ITKReader"),
-        EnsureChannelFirstd(keys=keys),
-        ReplaceNonFinited(keys="image"),
-        *spatial_transforms(PRESETS[preset], keys, ("bilinear", "nearest")),
-        *intensity_transforms(PRESETS[preset]),
-    ]:
+    for t in preprocessing(PRESETS[preset], label=True):
         data = t(data)
     label = data["label"].as_tensor()
     return data["image"].as_tensor().float(), (label.round() == label_value) if label_value else label > 0.5

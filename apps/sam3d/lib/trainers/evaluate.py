@@ -1,6 +1,6 @@
 """Simulated users for validation and evaluation, by the CVPR 2025 interactive 3D segmentation challenge's
 protocol: a first click at the lesion's deepest voxel, then each next one at the deepest voxel of the largest
-error (``clicks.protocol_click``).
+error (``simulated_user.protocol_click``).
 
 Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a tolerance of 5 mm, the latter with
 sub-voxel surfaces as in the DeepMind implementation the authors used.
@@ -15,10 +15,10 @@ from scipy import ndimage
 
 from lib.infers.cache import BoundedCache, tensor_bytes
 from lib.infers.segment import FollowBounds, Segmenter
-from lib.model import CropEncoding, Sam3D
+from lib.model import Clicks, CropEncoding, Sam3D
 from lib.transforms.crops import plan_crops
 
-from .clicks import CONNECTIVITY, grown_box, protocol_click
+from .simulated_user import CONNECTIVITY, grown_box, protocol_click
 
 NSD_TOLERANCE_MM = 5.0
 
@@ -86,11 +86,10 @@ def lesion_scores(
         segmenter = Segmenter(model, "evaluation", BoundedCache(EVALUATION_CACHE_BYTES, CropEncoding.nbytes.fget),
                               BoundedCache(EVALUATION_CACHE_BYTES // 4, tensor_bytes), bounds)
         first, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
-        foreground, background, scores = [first], [], {}
+        clicks_so_far, scores = Clicks(first[None], np.zeros((0, 3)), "model"), {}
         for n in range(1, max(clicks) + 1):
-            fg, bg = np.stack(foreground), np.asarray(background, dtype=np.int64).reshape(-1, 3)
-            crops = plan_crops(fg, bg, volume.shape, model.crop_size)
-            prediction = segmenter.segment(volume, crops, bg, "evaluation").prob.numpy() > 0.5
+            crops = plan_crops(clicks_so_far, volume.shape, model.crop_size)
+            prediction = segmenter.segment(volume, crops, clicks_so_far, "evaluation").prob.numpy() > 0.5
             box = grown_box(prediction, lesion, margin=int(np.ceil(tolerance / min(spacing))) + 1)
             if n in clicks:
                 recall = float((prediction & lesion).sum() / lesion.sum())
@@ -100,7 +99,7 @@ def lesion_scores(
             correction = protocol_click(prediction[box], lesion[box], spacing)
             if correction is not None:
                 click = correction[0] + np.array([b.start for b in box])
-                (foreground if correction[1] else background).append(click)
+                clicks_so_far = clicks_so_far.added(click, foreground=correction[1] == 1)
         results.append(scores)
     return results
 

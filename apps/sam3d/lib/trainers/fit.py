@@ -14,11 +14,11 @@ from torch.optim.lr_scheduler import LinearLR
 from tqdm import tqdm
 
 from lib.files import atomic_write
-from lib.model import Sam3D, freeze_backbone
+from lib.model import Sam3D
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
-from .clicks import background_click, interior_click, protocol_click
+from .simulated_user import background_click, interior_click, protocol_click
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +27,6 @@ LOSS = DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lamb
 # How often a step starts with a background click besides the first foreground one (users add them to
 # keep a mask off a neighbouring organ before any mistake shows).
 FIRST_BACKGROUND_PROBABILITY = 0.3
-
-
-def select_trainable(model: Sam3D) -> None:
-    """Over a pretrained SAM backbone, the paper's parameter-efficient parts; over a random one, everything
-    (freezing random weights only cripples the model: the tiny configuration then stays at a Dice of 0.04)."""
-    if not model.weights_info["pretrained_backbone"]:
-        for p in model.parameters():
-            p.requires_grad = True
-    else:
-        freeze_backbone(model)
 
 
 def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, LinearLR]:

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.model import Clicks
+
 
 @dataclass
 class Crop:
     start: Tuple[int, int, int]  # corner in volume voxels; may extend past the volume, which is zero-padded
     size: int
-    foreground: np.ndarray  # (N, 3) clicks in crop coordinates
-    background: np.ndarray  # (M, 3)
+    clicks: Clicks  # in the crop's frame: its group's foreground clicks, the background clicks inside it
 
     def box(self) -> Tuple[slice, ...]:
         return box_slices(self.start, self.size)
@@ -33,13 +34,8 @@ def crop_start(center: np.ndarray, shape: Sequence[int], size: int) -> Tuple[int
     return tuple(int(s) for s in np.clip(start, 0, upper))
 
 
-def plan_crops(
-    foreground: np.ndarray,
-    background: np.ndarray,
-    shape: Sequence[int],
-    size: int,
-) -> List[Crop]:
-    """Group foreground clicks whose bounding box spans at most half a crop, so each keeps context around it.
+def plan_crops(clicks: Clicks, shape: Sequence[int], size: int) -> List[Crop]:
+    """``clicks`` on the model's grid (``"model"`` frame) -> crops of ``shape``'s volume. Group foreground clicks whose bounding box spans at most half a crop, so each keeps context around it.
 
     A pure function of the request (users on one image never move each other's crops). A group's crop is
     centred on its first click while every click of the group lies at least an eighth of a crop from its faces:
@@ -47,8 +43,10 @@ def plan_crops(
     Otherwise the crop is centred on the group. Background clicks go to every crop that contains them; one outside
     all crops cannot remove anything.
     """
+    if clicks.frame != "model":
+        raise ValueError(f"crops are planned from clicks on the model's grid, not in the {clicks.frame!r} frame")
     groups: List[List[np.ndarray]] = []
-    for point in foreground:
+    for point in clicks.foreground:
         for group in groups:
             members = np.stack(group + [point])
             if (members.max(0) - members.min(0)).max() <= size // 2:
@@ -64,8 +62,8 @@ def plan_crops(
         start = np.asarray(crop_start(members[0], shape, size))
         if not ((members >= start + margin) & (members < start + size - margin)).all():
             start = np.asarray(crop_start((members.max(0) + members.min(0)) // 2, shape, size))
-        inside = np.all((background >= start) & (background < start + size), axis=1)
-        crops.append(Crop(tuple(int(s) for s in start), size, members - start, background[inside] - start))
+        group_clicks = Clicks(members, clicks.background, "model").in_crop(start, size)
+        crops.append(Crop(tuple(int(s) for s in start), size, group_clicks))
     return crops
 
 

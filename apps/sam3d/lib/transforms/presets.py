@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from monai.transforms import (
+    EnsureChannelFirstd,
     NormalizeIntensityd,
     Orientationd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
 )
 
+from .loading import LoadImageOrRejectd, ReplaceNonFinited, RequireSingleChannel3Dd
 from .resample import SeparableSpacingd
 
 # The model sees volumes as (D, H, W) with D the slice axis. Axial slices in radiological display:
@@ -86,4 +88,19 @@ def intensity_transforms(preset: Preset, keys: str = "image") -> list:
     return [
         ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True),
         NormalizeIntensityd(keys=keys, subtrahend=preset.mean, divisor=preset.std),
+    ]
+
+
+def preprocessing(preset: Preset, label: bool = False, max_megavoxels: float = DEFAULT_MAX_MEGAVOXELS) -> list:
+    """The one pre-processing of inference and training: load ``image`` (and, with ``label``, the ``label`` on
+    its grid, resampled as "nearest"), check it is one 3D volume, zero non-finite voxels, reorient, resample,
+    window and normalise. Transforms in turn, not a Compose: Compose would wrap the InvalidRequest they raise."""
+    keys, modes = (("image", "label"), ("bilinear", "nearest")) if label else (("image",), ("bilinear",))
+    return [
+        LoadImageOrRejectd(keys=keys, reader="ITKReader"),
+        EnsureChannelFirstd(keys=keys),
+        RequireSingleChannel3Dd(keys="image"),
+        ReplaceNonFinited(keys="image"),
+        *spatial_transforms(preset, keys, modes, max_megavoxels),
+        *intensity_transforms(preset),
     ]

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.trainers.clicks import background_click, interior_click, protocol_click
+from lib.trainers.simulated_user import background_click, interior_click, protocol_click
 
 
 def ball(shape, centre, radius):
@@ -76,7 +76,7 @@ def test_mask_uncertainty_is_zero_for_a_crisp_mask_and_grows_with_undecided_voxe
 
 
 def test_the_protocol_click_is_the_deepest_voxel_of_the_largest_error_with_its_sign():
-    from lib.trainers.clicks import protocol_click
+    from lib.trainers.simulated_user import protocol_click
 
     shape = (48, 48, 56)
     lesion, satellite = ball(shape, (20, 20, 20), 8), ball(shape, (20, 20, 40), 6)
@@ -95,7 +95,7 @@ def test_the_protocol_click_is_the_deepest_voxel_of_the_largest_error_with_its_s
 def test_the_protocol_click_measures_depth_in_millimetres():
     """One error region: a flat ellipsoid (radii 3, 7, 7 voxels) joined by a one-voxel neck to a ball (radius
     5.5). In voxels the ball is deeper; with slices 3 mm apart (along d) the flat one is (9, 7, 7 mm)."""
-    from lib.trainers.clicks import protocol_click
+    from lib.trainers.simulated_user import protocol_click
 
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in (13, 21, 40)], indexing="ij"), -1)
     flat = (((grid - [6, 10, 10]) / [3, 7, 7]) ** 2).sum(-1) <= 1
