@@ -72,15 +72,16 @@ class RandZoomOutd(RandomizableTransform):
         return {**data, "image": image[None], "label": label[None].float()}
 
 
-def training_crops(preset: Preset, size: int) -> Compose:
+def training_crops(preset: Preset, size: int, zoom_out_probability: float = ZOOM_OUT_PROBABILITY) -> Compose:
     """{"image", "label"} (1, D, H, W) -> one augmented (1, size, size, size) crop with some lesion near it.
 
     The first crop is centred on a lesion voxel (every step needs a lesion to click on); the final crop is
-    drawn at random inside it, so the lesion lands anywhere in the crop, also at its border. A quarter of the crops
-    come from a box 1.5-4 times larger, zoomed out (``RandZoomOutd``)."""
+    drawn at random inside it, so the lesion lands anywhere in the crop, also at its border. ``zoom_out_probability``
+    of the crops come from a box 1.5-4 times larger, zoomed out in 3D as serving does (``RandZoomOutd``; this
+    mixes slices, also for the thick-slice presets, as serving's zoomed-out crops do)."""
     outer = round(size * 1.2)
     transforms = [
-        RandZoomOutd(outer),
+        RandZoomOutd(outer, zoom_out_probability),
         RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=(outer,) * 3, pos=1, neg=0),
         RandShiftIntensityd("image", offsets=HU_SHIFT / preset.std if preset.std else MR_SHIFT, prob=0.5),
     ]
