@@ -68,7 +68,7 @@ def main() -> None:
 
     with torch.no_grad():  # warm-up: one crop, one-off costs (allocator, kernels) out of the figure
         model.foreground_probability(model.encode(torch.zeros(1, 1, size, size, size, device=args.device)),
-                                     torch.tensor([[size // 2] * 3]))
+                                     Clicks([[size // 2] * 3], np.zeros((0, 3)), "crop"))
     start = time.perf_counter()
     result = segmenter().segment(volume, crops, clicks, "kits")
     seconds = time.perf_counter() - start
