@@ -1,15 +1,16 @@
 """A request's clicks -> foreground probability on the model's grid (what the infer task and the evaluation run).
 
 Clicks on one lesion share a crop (``plan_crops``). When the mask of a crop reaches one of its faces inside the
-volume, the lesion goes on beyond it, and sam3d follows it, as nnInteractive's AutoZoom does:
+volume (or fills much of the crop), the lesion goes on beyond it, and sam3d follows it, as nnInteractive's AutoZoom
+does:
 
 1. zoom out: the same centre, a box 1.5x larger averaged down to the crop's size, predicted from the same clicks;
    again 1.5x larger while that mask still reaches a face, up to ``max_extent`` crops per side;
-2. refine at the model's spacing: the coarse mask, upsampled, with the first crop's answer in place of it where
-   that was computed, is the mask so far; crops tiled over it (nearest the click first) each get the mask so far
-   in their box as their previous mask (the mask prompt) and a click (the request's, else the deepest voxel of
-   the mask so far in the tile), and their answer replaces the mask so far in their box, so that neighbours agree
-   at their seams.
+2. refine at the model's spacing: the coarse mask, upsampled, is the mask so far; the first crop, then crops tiled
+   over the mask (nearest the click first), each with the mask so far in its box as its previous mask (the mask
+   prompt) and a click (the request's, else the deepest voxel of the mask so far in the tile), replace the mask so
+   far near its border (deeper inside and farther out the coarse answer stands), so that neighbours agree at their
+   seams.
 
 At most ``max_crops`` crops are spent on following per request; where the bound stops it, the coarse answer stands
 and the result says so. Every crop's encoding goes through the feature cache: a further click runs the encoder
@@ -272,8 +273,8 @@ class Segmenter:
         for tile in tiles:
             box = box_slices(np.asarray(tile) - start, self.size)
             mask = (region[box] > 0) & in_volume[box]
-            if not mask.any() or bool(mask.sum() == in_volume[box].sum()):
-                continue  # nothing of the lesion here, or all of it: the mask so far stands
+            if not mask.any() or bool(mask.sum() == in_volume[box].sum()) or not (band[box] & in_volume[box]).any():
+                continue  # nothing of the lesion here, or all of it, or no border: the mask so far stands
             if result.follow_crops >= self.bounds.max_crops:
                 result.growth_bounded = True
                 return
