@@ -7,7 +7,10 @@ DATA is an MSD-layout folder (imagesTr/ and labelsTr/, e.g. Task07_Pancreas) or 
 (images beside labels/final/). Each lesion (connected component of the tumour label) is clicked by the CVPR 2025
 interactive 3D segmentation challenge's protocol (lib/trainers/simulated_user.py protocol_click): the first click at its
 deepest voxel, each next one at the deepest voxel of the largest error, foreground on a miss, background on a
-leak. Per lesion: Dice and NSD after clicks 1..N, the area under the Dice curve (AUC: the mean of Dice@1..N) and
+leak. Each request is served as the server serves it: crops planned on the clicks so far, and a lesion whose mask
+reaches a crop's face followed beyond it (zoomed out, then refined) within --follow-max-extent and
+--follow-max-crops (the server's defaults; --follow-max-extent 1: one crop per click group, as before following).
+Per lesion: Dice, NSD and recall (the fraction of the lesion inside the mask) after clicks 1..N, the area under the Dice curve (AUC: the mean of Dice@1..N) and
 the worst drop (the largest fall of Dice after one click). Where DATA holds lesion_kinds.json (written with the
 hard phantoms by scripts/make_demo_studies.py --hard) each lesion carries its study's kind. Writes per-lesion
 rows (results.csv), a table per kind (else per case) and overall (results.md, also printed) and a plot of Dice
@@ -29,10 +32,11 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
+from lib.infers.segment import FollowBounds  # noqa: E402
 from lib.model import CONFIGS, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.trainers.data import load_labelled  # noqa: E402
-from lib.trainers.evaluate import NSD_TOLERANCE_MM, dice_auc, lesion_scores, worst_drop  # noqa: E402
+from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, dice_auc, lesion_scores, worst_drop  # noqa: E402
 from lib.transforms.presets import PAPER_PRESETS, PRESETS  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -66,11 +70,11 @@ def find_cases(data: str) -> List[Tuple[str, str, str]]:
     return cases
 
 
-def lesion_row(case: str, lesion: int, kind: str, scores: Dict[int, Tuple[float, float]], clicks: int) -> Dict:
-    """One csv row: Dice and NSD after each click, the AUC and worst drop of the Dice curve."""
+def lesion_row(case: str, lesion: int, kind: str, scores: Dict[int, Score], clicks: int) -> Dict:
+    """One csv row: Dice, NSD and recall after each click, the AUC and worst drop of the Dice curve."""
     row = {"case": case, "lesion": lesion, "kind": kind}
     for n in range(1, clicks + 1):
-        row[f"dice_{n}"], row[f"nsd_{n}"] = scores[n]
+        row[f"dice_{n}"], row[f"nsd_{n}"], row[f"recall_{n}"] = scores[n]
     curve = [scores[n][0] for n in range(1, clicks + 1)]
     row["dice_auc"], row["worst_drop"] = dice_auc(curve), worst_drop(curve)
     return row
@@ -85,8 +89,9 @@ def groups(rows: List[Dict]) -> Tuple[str, Dict[str, List[Dict]]]:
 
 def markdown_table(rows: List[Dict], clicks: int) -> str:
     key, grouped = groups(rows)
-    columns = [f"dice_{n}" for n in range(1, clicks + 1)] + [f"nsd_{n}" for n in range(1, clicks + 1)]
-    header = [key, "lesions"] + [c.replace("dice_", "Dice@").replace("nsd_", "NSD@") for c in columns]
+    columns = [f"{metric}_{n}" for metric in ("dice", "nsd") for n in range(1, clicks + 1)] + ["recall_1"]
+    names = {"dice": "Dice", "nsd": "NSD", "recall": "recall"}
+    header = [key, "lesions"] + [f"{names[c.split('_')[0]]}@{c.split('_')[1]}" for c in columns]
     header += ["Dice AUC", "worst drop"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, chosen in grouped.items():
@@ -128,6 +133,10 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=NSD_TOLERANCE_MM, help="NSD tolerance in mm (paper: 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, help="evaluate the first N cases only")
+    parser.add_argument("--follow-max-extent", type=float, default=FollowBounds().max_extent,
+                        help="as --conf follow_max_extent: crops per side a lesion is followed into (1: no following)")
+    parser.add_argument("--follow-max-crops", type=int, default=FollowBounds().max_crops,
+                        help="as --conf follow_max_crops: crops one request may spend on following")
     parser.add_argument("--out", default="results", help="folder for results.csv, results.md, results.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -140,11 +149,12 @@ def main() -> None:
     spacing = PRESETS[args.preset].spacing
     clicks = range(1, args.clicks + 1)
     kinds = read_lesion_kinds(args.data)
+    bounds = FollowBounds(args.follow_max_extent, args.follow_max_crops)
 
     rows = []
     for case, image_path, label_path in tqdm(cases, desc="cases"):
         image, label = load_labelled(image_path, label_path, args.preset, label_value)
-        per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance)
+        per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds)
         rows += [lesion_row(case, i + 1, kinds.get(case, ""), scores, args.clicks) for i, scores in enumerate(per_lesion)]
     if not rows:
         raise SystemExit("no lesion in any label: check --label-value")
@@ -158,7 +168,7 @@ def main() -> None:
     weights = ", ".join(f"{k}: {v}" for k, v in model.weights_info.items())
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"{args.data}, preset {args.preset}, NSD tolerance {args.tolerance} mm, {args.clicks} clicks per lesion "
-                f"(challenge protocol)\n\nweights: {weights}\n\n{table}\n")
+                f"(challenge protocol), following: {bounds}\n\nweights: {weights}\n\n{table}\n")
     plot(rows, args.clicks, os.path.join(args.out, "results.png"))
     print(table)
     logger.info(f"wrote {args.out}/results.csv, results.md and results.png")

@@ -43,6 +43,9 @@ def server(tmp_path_factory, demo_studies, tiny_checkpoint):
     shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
     log_path = str(tmp_path_factory.mktemp("logs") / "server.log")
     conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", tiny_checkpoint[0]]
+    # A random model's masks reach the crop's faces anywhere: following them would only cost crops here (a trained
+    # model follows lesions in tests/test_large_lesions.py).
+    conf += ["--conf", "follow_max_extent", "1"]
     proc, url = start_server(APP, studies, conf, log_path)
     yield url, studies, log_path
     stop_server(proc)

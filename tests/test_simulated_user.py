@@ -51,8 +51,10 @@ def test_training_crops_keep_the_crop_size_the_label_binary_and_slices_unmixed_f
 
     image = torch.arange(60, dtype=torch.float32)[:, None, None].expand(60, 50, 50)[None].clone()  # value = slice
     label = torch.as_tensor(ball((60, 50, 50), (30, 25, 25), 6))[None].float()
-    for name in ("kits", "colon", "mr"):
-        transform = training_crops(PRESETS[name], 32)
+    for name, zoom_out in (("kits", 1.0), ("colon", 0.0), ("mr", 0.25)):
+        # Zoomed-out crops (serving's view of a lesion larger than the crop) average slices together; the authors'
+        # own augmentations never do.
+        transform = training_crops(PRESETS[name], 32, zoom_out_probability=zoom_out)
         transform.set_random_state(seed=1)
         for _ in range(8):
             crop = transform({"image": image, "label": label})[0]

@@ -87,7 +87,7 @@ def test_a_crop_stays_inside_the_volume_and_pads_a_small_one():
     assert pixels.shape == (128, 128, 128)
     assert torch.equal(pixels[:, :50], volume[:128, :, :128]) and (pixels[:, 50:] == 0).all()
     prob = torch.zeros(300, 50, 300)
-    paste_max(prob, torch.ones(128, 128, 128), crops[0])
+    paste_max(prob, torch.ones(128, 128, 128), crops[0].start)
     assert prob.sum() == 128 * 50 * 128
 
 

@@ -5,7 +5,8 @@ whatever the grid. ``STUDIES`` are the three demo studies (one isotropic and axi
 permuted and flipped axes, one oblique); ``random_studies`` draws more of the same kind (training data, never the
 demo studies themselves). ``hard_studies`` draws studies whose one lesion leaves a first click real errors to
 correct (lobulated, ring-enhancing, low-contrast, touching a vessel of its own intensity) on thick-slice, oblique,
-permuted grids; ``write_studies`` records their kinds in ``lesion_kinds.json`` beside the images.
+permuted grids; ``large_studies`` draws studies of one lesion 1.5-3 times the model's crop (a tumour one crop cannot
+hold) on such grids; ``write_studies`` records the kinds of both in ``lesion_kinds.json`` beside the images.
 """
 
 import json
@@ -51,8 +52,10 @@ class Study:
     name: str
     shape: Tuple[int, int, int]
     affine: np.ndarray  # voxel (i, j, k) -> RAS millimetres
-    # Demo and random studies: (centre, radii (mm), HU) ellipsoids; hard studies: one Lesion.
+    # Demo and random studies: (centre, radii (mm), HU) ellipsoids; hard and large studies: one Lesion.
     lesions: List[Union[Tuple[Vector, Vector, float], Lesion]]
+    host: Optional[Tuple[Vector, Vector]] = None  # the host organ's (centre, radii) in mm; None: HOST_CENTRE, HOST_RADII
+    body: Vector = (150.0, 110.0, 400.0)  # the body's radii in mm (fat; soft tissue 15 mm inside it in x and y)
 
 
 # The organ that hosts the lesions (centre and radii in RAS mm, HU) and the image noise (standard deviation, HU).
@@ -128,6 +131,7 @@ def random_studies(count: int, seed: int = 1000) -> List[Study]:
 
 
 HARD_KINDS = ("lobulated", "ring", "low_contrast", "touching")
+LARGE_KINDS = ("large_ellipsoid", "large_lobulated")
 
 
 def hard_lesion(kind: str, centre: np.ndarray, rng: np.random.Generator) -> Lesion:
@@ -192,6 +196,55 @@ def hard_studies(count: int, seed: int = 2000) -> List[Study]:
     return studies
 
 
+def oblique_grid(
+    rng: np.random.Generator, index: int, field_of_view: np.ndarray, centre: np.ndarray, spacing_scale: float = 1.0
+) -> Tuple[Tuple[int, int, int], np.ndarray]:
+    """A thick-slice grid (1.5-5 mm slices along the body axis, 0.7-1 mm in plane, both times ``spacing_scale``) with
+    permuted, flipped axes, turned about no axis, one, or three (by ``index``), covering ``field_of_view`` (mm per
+    RAS axis) about ``centre``: (shape, affine)."""
+    world_axis = rng.permutation(3)  # voxel axis a runs along RAS axis world_axis[a]
+    permuted = np.zeros((3, 3))
+    permuted[world_axis, range(3)] = rng.choice([-1.0, 1.0], 3)
+    turns = [np.eye(3), rotation_z(rng.uniform(10, 30))] + [
+        rotation(2, rng.uniform(10, 30)) @ rotation(1, rng.uniform(10, 30)) @ rotation(0, rng.uniform(10, 30))
+    ]
+    direction = turns[index % 3] @ permuted
+    spacing = rng.uniform(0.7, 1.0, 3)
+    thick = int(np.flatnonzero(world_axis == 2)[0])
+    spacing[thick] = rng.choice([1.5, 2.5, 3.0, 5.0])
+    spacing = spacing * spacing_scale
+    shape = tuple(int(n) for n in np.ceil(np.asarray(field_of_view)[world_axis] / spacing))
+    return shape, make_affine(direction, tuple(spacing.tolist()), shape, tuple(centre.tolist()))
+
+
+def large_studies(count: int, seed: int = 4000, crop_mm: float = 32.0, extent: Tuple[float, float] = (1.5, 3.0)) -> List[Study]:
+    """Studies of one lesion whose largest diameter is ``extent`` (drawn between its two values) times ``crop_mm``
+    (the model's crop: 32 mm for the tiny configuration, 128 mm for the paper's), in a host organ and a body grown
+    to hold it, on grids like ``hard_studies``' (in-plane and slice spacing scaled by crop_mm / 32). Kinds in turn
+    (LARGE_KINDS): an ellipsoid, or one with three lobes on its surface; bright or darker than the host. Named
+    ``large<seed>_<index>``."""
+    rng = np.random.default_rng(seed)
+    studies = []
+    for index in range(count):
+        kind = LARGE_KINDS[index % len(LARGE_KINDS)]
+        radius = rng.uniform(*extent) * crop_mm / 2
+        radii = radius * rng.permutation([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)])
+        centre = rng.uniform(-10, 10, 3)
+        lobes = [(tuple(centre.tolist()), tuple(radii.tolist()))]
+        if kind == "large_lobulated":  # lobes about half-way out, reaching at most about 0.95 of the radii
+            for _ in range(3):
+                direction = rng.normal(size=3)
+                offset = direction / np.linalg.norm(direction) * 0.5 * radii.min()
+                lobes.append((tuple((centre + offset).tolist()), tuple((radii * rng.uniform(0.4, 0.45)).tolist())))
+        hu = float(rng.choice([rng.uniform(110, 140), rng.uniform(10, 30)]))
+        host = (tuple((centre + rng.uniform(-5, 5, 3)).tolist()), tuple((radii + rng.uniform(15, 25, 3)).tolist()))
+        body = tuple(np.maximum(np.asarray(host[1]) + 40.0, [150.0, 110.0, 400.0]).tolist())
+        field_of_view = 2 * radii + 1.2 * crop_mm
+        shape, affine = oblique_grid(rng, index, field_of_view, centre + rng.uniform(-5, 5, 3), crop_mm / 32)
+        studies.append(Study(f"large{seed}_{index:03d}", shape, affine, [Lesion(kind, tuple(lobes), hu)], host, body))
+    return studies
+
+
 def lesion_kinds(studies: List[Study]) -> Dict[str, str]:
     """{study name: its lesion's kind} for the hard studies (one lesion each) among ``studies``."""
     return {s.name: s.lesions[0].kind for s in studies if len(s.lesions) == 1 and isinstance(s.lesions[0], Lesion)}
@@ -227,9 +280,10 @@ def render(study: Study, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarr
     """-> (i, j, k) int16 HU image and uint8 tumour label."""
     xyz = world_grid(study)
     image = np.full(study.shape, -1000.0)  # air
-    image[inside_ellipsoid(xyz, (0, 0, 0), (150, 110, 400))] = -100.0  # subcutaneous fat
-    image[inside_ellipsoid(xyz, (0, 0, 0), (135, 95, 400))] = 40.0  # soft tissue
-    image[inside_ellipsoid(xyz, HOST_CENTRE, HOST_RADII)] = HOST_HU  # the organ that hosts the lesions
+    image[inside_ellipsoid(xyz, (0, 0, 0), study.body)] = -100.0  # subcutaneous fat
+    image[inside_ellipsoid(xyz, (0, 0, 0), np.asarray(study.body) - [15.0, 15.0, 0.0])] = 40.0  # soft tissue
+    host_centre, host_radii = study.host or (HOST_CENTRE, HOST_RADII)
+    image[inside_ellipsoid(xyz, host_centre, host_radii)] = HOST_HU  # the organ that hosts the lesions
     image[inside_ellipsoid(xyz, (-60, -40, 0), (12, 12, 400))] = 500.0  # a bone-like rod
     label = np.zeros(study.shape, dtype=np.uint8)
     for lesion in study.lesions:

@@ -69,6 +69,8 @@ OPTIONS: Dict[str, Tuple[Optional[str], str]] = {
     "cache_mb": ("2048", "megabytes, 0 to 1e7"),
     "volume_cache_mb": ("1024", "megabytes, 0 to 1e7"),
     "max_crops": ("16", "a whole number, 1 to 1000"),
+    "follow_max_extent": ("4", "crops per side, 1 (no following) to 16"),
+    "follow_max_crops": ("27", "a whole number, 0 (no following) to 1000"),
     "max_megavoxels": (str(DEFAULT_MAX_MEGAVOXELS), "millions of voxels, 1 to 1e5"),
     "max_upload_mb": ("2048", "megabytes, above 0"),
     "dicomweb_timeout": ("60", "seconds, above 0"),
@@ -93,6 +95,8 @@ class Settings:
     cache_bytes: int
     volume_cache_bytes: int
     max_crops: int
+    follow_max_extent: float
+    follow_max_crops: int
     max_megavoxels: float
     max_upload_bytes: int
     dicomweb_timeout: float
@@ -135,6 +139,8 @@ class Settings:
             cache_bytes=int(parse_number(text["cache_mb"], what("cache_mb"), 0, 1e7) * MEGABYTE),
             volume_cache_bytes=int(parse_number(text["volume_cache_mb"], what("volume_cache_mb"), 0, 1e7) * MEGABYTE),
             max_crops=int(parse_number(text["max_crops"], what("max_crops"), 1, 1000, integer=True)),
+            follow_max_extent=parse_number(text["follow_max_extent"], what("follow_max_extent"), 1, 16),
+            follow_max_crops=int(parse_number(text["follow_max_crops"], what("follow_max_crops"), 0, 1000, integer=True)),
             max_megavoxels=parse_number(text["max_megavoxels"], what("max_megavoxels"), 1, 1e5),
             max_upload_bytes=int(parse_number(text["max_upload_mb"], what("max_upload_mb"), 1e-6, 1e9) * MEGABYTE),
             dicomweb_timeout=parse_number(text["dicomweb_timeout"], what("dicomweb_timeout"), 1e-3, 1e6),

@@ -11,6 +11,7 @@ from monai.apps import download_url
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.sam3d_infer import Sam3DInfer
+from lib.infers.segment import FollowBounds
 from lib.trainers.sam3d_trainer import Sam3DTrainer
 from lib.demo import demo_weights
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
@@ -114,6 +115,7 @@ class Sam3DTaskConfig(TaskConfig):
         self.volume_cache_bytes = settings.volume_cache_bytes
         self.warmup = settings.warmup
         self.max_crops = settings.max_crops
+        self.follow_bounds = FollowBounds(settings.follow_max_extent, settings.follow_max_crops)
         self.max_megavoxels = settings.max_megavoxels
         self.network = self.build_model()
 
@@ -139,6 +141,7 @@ class Sam3DTaskConfig(TaskConfig):
                 cache_bytes=self.cache_bytes,
                 volume_cache_bytes=self.volume_cache_bytes,
                 max_crops=self.max_crops,
+                follow_bounds=self.follow_bounds,
                 max_megavoxels=self.max_megavoxels,
                 published_path=self.source.published,
                 rebuild=self.build_model,

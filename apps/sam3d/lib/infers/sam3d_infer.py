@@ -5,7 +5,7 @@ import os
 import threading
 import uuid
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,11 +18,13 @@ from lib.model import CheckpointError, Clicks, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
 from lib.errors import InvalidRequest
 from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
-from lib.transforms.crops import extract_crop, paste_max, plan_crops
+from lib.transforms.crops import Crop, plan_crops
+from lib.transforms.keys import CLICKS, CROP_BOXES, IMAGE, PRED, from_cache
 from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
-from .cache import BoundedCache, CropRounds, crop_key, file_key, tensor_bytes
+from .cache import BoundedCache, file_key, tensor_bytes
+from .segment import FollowBounds, Segmentation, Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class Sam3DInfer(BasicInferTask):
         volume_cache_bytes: int,
         max_crops: int,
         max_megavoxels: float,
+        follow_bounds: FollowBounds = FollowBounds(),
         published_path: Optional[str] = None,
         rebuild: Optional[Callable[[], Sam3D]] = None,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
@@ -60,6 +63,7 @@ class Sam3DInfer(BasicInferTask):
         self.device = device
         self.max_crops = max_crops
         self.max_megavoxels = max_megavoxels
+        self.follow_bounds = follow_bounds
         self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
         self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
         # Correction rounds (the previous predictions a refinement click builds on), 8 MiB each for a 128^3 crop:
@@ -146,53 +150,57 @@ class Sam3DInfer(BasicInferTask):
         name = data["preset"]
         preprocess = preprocessing(PRESETS[name], max_megavoxels=self.max_megavoxels)
         return [
-            CachedPreprocessd("image", preprocess, self.volumes, lambda path: file_key(path, name)),
-            ValidateClicksd(keys="image"),
-            MapClicksToImaged(keys="image"),
+            CachedPreprocessd(IMAGE, preprocess, self.volumes, lambda path: file_key(path, name)),
+            ValidateClicksd(keys=IMAGE),
+            MapClicksToImaged(keys=IMAGE),
         ]
 
     def inverse_transforms(self, data=None):
         return None  # ResampleToOriginalGridd maps the prediction back through the affines instead
 
     def post_transforms(self, data: Optional[Dict[str, Any]] = None) -> Sequence[Callable]:
-        return [ResampleToOriginalGridd(keys="pred", ref="image")]
+        return [ResampleToOriginalGridd(keys=PRED, ref=IMAGE, boxes_key=CROP_BOXES)]
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> Dict[str, Any]:
+        """The model's part of a request: the newest published model, the crops of the clicks (bounded), the
+        segmentation (crops, lesions followed beyond them), and the result JSON."""
         self.reload_if_published()
-        image: MetaTensor = data["image"]
+        preset = data["preset"]  # checked once per request (__call__)
+        image: MetaTensor = data[IMAGE]
         volume = image[0].as_tensor().float()
-        crops = plan_crops(data["clicks"], volume.shape, self.model.crop_size)
+        clicks = data[CLICKS]
+        crops = self.planned_crops(volume.shape, clicks)
+        with self._model_lock:  # one request's crops through the model at a time: no doubled peak memory
+            segmenter = Segmenter(self.model, self.model_version, self.cache, self.rounds, self.follow_bounds)
+            start = time.time()
+            segmentation = segmenter.segment(volume, crops, clicks, preset)
+            seconds = time.time() - start
+        data[PRED] = MetaTensor(segmentation.prob[None], meta=dict(image.meta))  # the meta holds the model grid's affine
+        data[CROP_BOXES] = segmentation.boxes
+        data["result"] = self.report(data, preset, segmentation, seconds)
+        return data
+
+    def planned_crops(self, shape: Sequence[int], clicks: Clicks) -> List[Crop]:
+        """The crops of the request's click groups, bounded (following a lesion beyond them is bounded apart)."""
+        crops = plan_crops(clicks, shape, self.model.crop_size)
         if len(crops) > self.max_crops:  # each crop is an encoder pass, which holds the model for every user
             raise InvalidRequest(f"these clicks need {len(crops)} crops (clicks more than half a crop apart get one "
                                  f"each); at most {self.max_crops} are run per request (--conf max_crops)")
-        preset = data["preset"]
+        return crops
 
-        prob = torch.zeros(volume.shape)
-        encoder_runs, start = 0, time.time()
-        with self._model_lock:
-            for crop in crops:
-                pixels = extract_crop(volume, crop)
-                key = crop_key(pixels, self.model_version, preset)
-                encoding = self.cache.get(key)
-                if encoding is None:
-                    encoding = self.model.encode(pixels[None, None].to(self.device))
-                    self.cache.put(key, encoding)
-                    encoder_runs += 1
-                rounds = CropRounds(self.rounds, key)
-                paste_max(prob, self.model.foreground_probability(encoding, crop.clicks, rounds).float().cpu(), crop)
-
-        data["pred"] = MetaTensor(prob[None], meta=dict(image.meta))  # the meta holds the model grid's affine
-        data["crop_boxes"] = [(crop.start, crop.size) for crop in crops]
-        data["result"] = {
+    def report(self, data: Dict[str, Any], preset: str, segmentation: Segmentation, seconds: float) -> Dict[str, Any]:
+        result = {
             "preset": preset,
-            "image_from_cache": data["image_from_cache"],
-            "crops": [list(c.start) for c in crops],
-            "encoder_runs": encoder_runs,
-            "cache_hits": len(crops) - encoder_runs,
-            "model_seconds": round(time.time() - start, 4),
-            "uncertainty": round(mask_uncertainty(prob), 6),
+            "image_from_cache": data[from_cache(IMAGE)],
+            **segmentation.report(),
+            "model_seconds": round(seconds, 4),
+            "uncertainty": round(mask_uncertainty(segmentation.prob), 6),
         }
         if self.model.weights_info.get("warning"):
-            data["result"]["warning"] = self.model.weights_info["warning"]
-        logger.info(f"sam3d: {len(crops)} crop(s), {encoder_runs} encoded, {len(crops) - encoder_runs} from cache")
-        return data
+            result["warning"] = self.model.weights_info["warning"]
+        logger.info(
+            f"sam3d: {len(segmentation.crops)} crop(s), {len(segmentation.zoomed_crops)} zoomed out, "
+            f"{segmentation.encoder_runs} encoded, {segmentation.cache_hits} from cache"
+            + (" (stopped by the follow bounds)" if segmentation.growth_bounded else "")
+        )
+        return result

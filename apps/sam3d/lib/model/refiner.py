@@ -9,7 +9,8 @@ correction of the decoder's logits. Its last convolution starts at zero: an auth
 as theirs until training has taught it. Axis convention: volumes ``(B, C, D, H, W)``, clicks ``(d, h, w)``.
 """
 
-from typing import Optional
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -17,25 +18,29 @@ from torch import nn
 # Inputs, in order: intensities, decoder's foreground probability, previous foreground probability (both mapped
 # to [-1, 1]; 0 where there is none), foreground click map, background click map.
 REFINER_INPUTS = 5
-# A voxel belongs to a mask, or a click's neighbourhood, above a probability (map value) of 0.1: -0.8 in [-1, 1].
-PRESENT = -0.8
+# A voxel belongs to a mask above a probability of 0.1 (these log-odds), to a click's neighbourhood where the
+# click's map exceeds 0.2.
+PRESENT_LOGIT = math.log(0.1 / 0.9)
+NEIGHBOURHOOD = 0.2
 # The working box's growth, in voxels: the convolutions' reach (a 3x3x3 and a dilated one, 1 + 2) and some more,
 # so that a mask can grow past its bounding box.
 MARGIN = 6
 
 
-def click_maps(points: torch.Tensor, labels: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """points: (B, N, 3) (d, h, w) voxel indices; labels: (B, N) 1 = foreground, 0 = background ->
-    (B, 2, S, S, S): per click type, the largest Gaussian (``sigma`` voxels) of its clicks, in [0, 1].
+def click_maps(points: torch.Tensor, labels: torch.Tensor, shape: Sequence[int], sigma: float) -> torch.Tensor:
+    """points: (B, N, 3) (d, h, w) voxel indices of a (D, H, W) ``shape`` grid; labels: (B, N) 1 = foreground,
+    0 = background -> (B, 2, D, H, W): per click type, the largest Gaussian (``sigma`` voxels) of its clicks.
 
     A Gaussian is separable: each click costs three 1-D profiles and their outer product, kept as a running
     maximum so that memory does not grow with the clicks."""
-    axis = torch.arange(size, device=points.device, dtype=torch.float32)
-    profiles = torch.exp(-((axis - points.float()[..., None]) ** 2) / (2 * sigma**2))  # (B, N, 3, S)
-    maps = torch.zeros(points.shape[0], 2, size, size, size, device=points.device)
+    maps = torch.zeros(points.shape[0], 2, *shape, device=points.device)
+    profiles = [
+        torch.exp(-((torch.arange(n, device=points.device) - points[..., axis, None].float()) ** 2) / (2 * sigma**2))
+        for axis, n in enumerate(shape)
+    ]  # per axis (B, N, n)
     for click in range(points.shape[1]):
-        d, h, w = profiles[:, click, 0], profiles[:, click, 1], profiles[:, click, 2]
-        bump = d[:, :, None, None] * h[:, None, :, None] * w[:, None, None, :]  # (B, S, S, S)
+        d, h, w = (p[:, click] for p in profiles)
+        bump = d[:, :, None, None] * h[:, None, :, None] * w[:, None, None, :]  # (B, D, H, W)
         for channel, kind in enumerate((1, 0)):
             chosen = (labels[:, click] == kind)[:, None, None, None]
             maps[:, channel] = torch.where(chosen, torch.maximum(maps[:, channel], bump), maps[:, channel])
@@ -43,7 +48,7 @@ def click_maps(points: torch.Tensor, labels: torch.Tensor, size: int, sigma: flo
 
 
 class Refiner(nn.Module):
-    """(B, 5, S, S, S) inputs -> (B, 2, S, S, S) corrections added to the decoder's class logits."""
+    """(B, 5, D, H, W) inputs -> (B, 2, D, H, W) corrections added to the decoder's class logits."""
 
     def __init__(self, chans: int = 8, sigma: float = 4.0) -> None:
         super().__init__()
@@ -70,26 +75,43 @@ class Refiner(nn.Module):
     ) -> torch.Tensor:
         """image: (B, 1, S, S, S) intensities; logits: (B, 2, S, S, S) the decoder's; points: (B, N, 3);
         labels: (B, N); previous: (B, 1, S, S, S) log-odds or None -> refined logits (B, 2, S, S, S)."""
-        answer = (logits[:, 1:] - logits[:, :1]).sigmoid() * 2 - 1
-        previous = torch.zeros_like(answer) if previous is None else previous.float().sigmoid() * 2 - 1
-        maps = click_maps(points, labels, image.shape[-1], self.sigma).to(answer)
-        box = (slice(None), slice(None)) + self.working_box(answer, previous, maps)
-        inputs = torch.cat([image.to(answer), answer, previous, maps], dim=1)[box]
+        answer = logits[:, 1:] - logits[:, :1]
+        box = self.working_box(answer, previous, points)
+        part = (slice(None), slice(None)) + box
+        # Everything at the crop's resolution is computed inside the box only.
+        start = torch.tensor([b.start for b in box], device=points.device)
+        shape = [b.stop - b.start for b in box]
+        answer = answer[part].sigmoid() * 2 - 1
+        before = torch.zeros_like(answer) if previous is None else previous[part].float().sigmoid() * 2 - 1
+        maps = click_maps(points - start, labels, shape, self.sigma).to(answer)
+        inputs = torch.cat([image[part].to(answer), answer, before, maps], dim=1)
         refined = logits.clone()
-        refined[box] = logits[box] + self.net(inputs).to(logits.dtype)
+        refined[part] = logits[part] + self.net(inputs).to(logits.dtype)
         return refined
 
-    def working_box(self, answer: torch.Tensor, previous: torch.Tensor, maps: torch.Tensor):
-        """The part of the crop where the refiner works, the same in training and serving: the bounding box of
-        the decoder's mask, the previous mask and the clicks' neighbourhoods, grown by the refiner's reach.
-        A lesion covers a small part of a 128-voxel crop, and the refiner's convolutions at the crop's full
-        resolution would otherwise cost more than the decoder."""
-        with torch.no_grad():
-            region = ((answer > PRESENT) | (previous > PRESENT) | (maps > PRESENT + 1)).any(dim=(0, 1))
-        size = region.shape
-        if not region.any():
+    def working_box(
+        self, answer: torch.Tensor, previous: Optional[torch.Tensor], points: torch.Tensor
+    ) -> Tuple[slice, slice, slice]:
+        """The part of the crop where the refiner works, the same in training and serving.
+
+        A correction round (with a ``previous`` mask): the bounding box of the decoder's mask (``answer``: its
+        log-odds), the previous mask and the clicks' neighbourhoods, grown by the refiner's reach. A lesion
+        covers a small part of a 128-voxel crop, and the refiner's convolutions over the whole crop would cost
+        more than the decoder's round. A first round: the whole crop (once per crop, beside the encoder's far
+        larger cost)."""
+        size = answer.shape[2:]
+        if previous is None:
             return tuple(slice(0, n) for n in size)
-        bounds = [torch.nonzero(region.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0] for axis in range(3)]
-        return tuple(
-            slice(max(int(b.min()) - MARGIN, 0), min(int(b.max()) + MARGIN + 1, n)) for b, n in zip(bounds, size)
-        )
+        with torch.no_grad():
+            region = ((answer > PRESENT_LOGIT) | (previous > PRESENT_LOGIT)).any(dim=(0, 1))
+            indices = torch.nonzero(region, as_tuple=True)
+            lower = [int(i.min()) if len(i) else n for i, n in zip(indices, size)]
+            upper = [int(i.max()) if len(i) else -1 for i in indices]
+            if points.numel():
+                reach = int(self.sigma * math.sqrt(2 * math.log(1 / NEIGHBOURHOOD)))  # where a click's map > 0.2
+                flat = points.reshape(-1, 3)
+                lower = [min(lo, int(flat[:, a].min()) - reach) for a, lo in enumerate(lower)]
+                upper = [max(up, int(flat[:, a].max()) + reach) for a, up in enumerate(upper)]
+        if any(up < lo for lo, up in zip(lower, upper)):  # no mask and no click: nothing bounds it
+            return tuple(slice(0, n) for n in size)
+        return tuple(slice(max(lo - MARGIN, 0), min(up + MARGIN + 1, n)) for lo, up, n in zip(lower, upper, size))

@@ -2,9 +2,16 @@
 
 The authors augment whole volumes before cropping; here the crop comes first (a 1.2x larger region around a
 lesion voxel, as their two-stage crop does), which keeps each step's cost independent of the volume's size.
+
+sam3d adds a zoom-out: serving follows a lesion larger than the crop by predicting on boxes up to 4 crops wide
+averaged down to the crop's size (``lib/infers/segment.py``), so some training crops are seen that way too.
 """
 
 import math
+from typing import Optional
+
+import numpy as np
+import torch
 
 from monai.transforms import (
     Compose,
@@ -15,8 +22,10 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandSpatialCropd,
     RandZoomd,
+    RandomizableTransform,
 )
 
+from lib.transforms.crops import crop_start, zoomed_box
 from lib.transforms.presets import Preset
 
 KEYS = ("image", "label")
@@ -25,15 +34,54 @@ MODES = ("bilinear", "nearest")
 # MR presets normalise per image, so the shift is a fraction of one standard deviation instead.
 HU_SHIFT = 20.0
 MR_SHIFT = 0.1
+# How often a training crop is zoomed out, and how far (serving zooms out 1.5x per level up to 4x).
+ZOOM_OUT_PROBABILITY = 0.25
+ZOOM_OUT_RANGE = (1.5, 4.0)
 
 
-def training_crops(preset: Preset, size: int) -> Compose:
+class RandZoomOutd(RandomizableTransform):
+    """With probability ``prob``: a box ``zoom`` (log-uniform in ``zoom_range``) times ``size`` per side about a
+    lesion voxel, averaged down to ``size`` as serving's zoomed-out crops are (``zoomed_box``); the label is the
+    voxels more than half lesion. Otherwise the data pass unchanged. {"image", "label"}: (1, D, H, W)."""
+
+    def __init__(self, size: int, prob: float = ZOOM_OUT_PROBABILITY, zoom_range=ZOOM_OUT_RANGE) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self.size = size
+        self.zoom_range = zoom_range
+        self.zoom = 1.0
+        self.centre: Optional[np.ndarray] = None
+
+    def randomize(self, label: torch.Tensor) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        low, high = np.log(self.zoom_range[0]), np.log(self.zoom_range[1])
+        self.zoom = float(np.exp(self.R.uniform(low, high)))
+        lesion = torch.nonzero(label[0] > 0.5).numpy()
+        self.centre = lesion[self.R.randint(len(lesion))] if len(lesion) else None
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(data["label"])
+        if not self._do_transform or self.centre is None:
+            return data
+        shape = data["image"].shape[1:]
+        side = int(round(self.size * self.zoom))
+        start = crop_start(self.centre, shape, side)
+        image = zoomed_box(torch.as_tensor(data["image"][0]).float(), start, side, self.size)
+        label = zoomed_box(torch.as_tensor(data["label"][0]).float(), start, side, self.size) > 0.5
+        return {**data, "image": image[None], "label": label[None].float()}
+
+
+def training_crops(preset: Preset, size: int, zoom_out_probability: float = ZOOM_OUT_PROBABILITY) -> Compose:
     """{"image", "label"} (1, D, H, W) -> one augmented (1, size, size, size) crop with some lesion near it.
 
     The first crop is centred on a lesion voxel (every step needs a lesion to click on); the final crop is
-    drawn at random inside it, so the lesion lands anywhere in the crop, also at its border."""
+    drawn at random inside it, so the lesion lands anywhere in the crop, also at its border. ``zoom_out_probability``
+    of the crops come from a box 1.5-4 times larger, zoomed out in 3D as serving does (``RandZoomOutd``; this
+    mixes slices, also for the thick-slice presets, as serving's zoomed-out crops do)."""
     outer = round(size * 1.2)
     transforms = [
+        RandZoomOutd(outer, zoom_out_probability),
         RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=(outer,) * 3, pos=1, neg=0),
         RandShiftIntensityd("image", offsets=HU_SHIFT / preset.std if preset.std else MR_SHIFT, prob=0.5),
     ]

@@ -6,15 +6,17 @@ Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a toleran
 sub-voxel surfaces as in the DeepMind implementation the authors used.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from monai.metrics import compute_surface_dice
 from scipy import ndimage
 
+from lib.infers.cache import BoundedCache, tensor_bytes
+from lib.infers.segment import FollowBounds, Segmenter
 from lib.model import Clicks, CropEncoding, Sam3D
-from lib.transforms.crops import extract_crop, paste_max, plan_crops
+from lib.transforms.crops import plan_crops
 
 from .simulated_user import CONNECTIVITY, grown_box, protocol_click
 
@@ -50,11 +52,15 @@ def worst_drop(dice_per_click: Sequence[float]) -> float:
     return float(max([0.0, *(np.asarray(dice_per_click[:-1]) - np.asarray(dice_per_click[1:]))]))
 
 
-def predicted_mask(model: Sam3D, encoding: CropEncoding, clicks: Clicks) -> np.ndarray:
-    """The mask the server answers these clicks (``"crop"`` frame) with on an encoded crop: (S, S, S) bool.
+class Score(NamedTuple):
+    dice: float
+    nsd: float
+    recall: float  # the fraction of the lesion inside the mask
 
-    The one place evaluation asks the model, so that a change of its inputs (e.g. the previous mask) is made here."""
-    return model.foreground_probability(encoding, clicks).cpu().numpy() > 0.5
+
+# Bytes of crop encodings and correction rounds an evaluation keeps per lesion (a lesion followed over many crops
+# re-uses them at every further click, as the server does).
+EVALUATION_CACHE_BYTES = 2**30
 
 
 @torch.no_grad()
@@ -65,38 +71,35 @@ def lesion_scores(
     clicks: Sequence[int] = (1,),
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     tolerance: float = NSD_TOLERANCE_MM,
-) -> List[Dict[int, Tuple[float, float]]]:
+    bounds: FollowBounds = FollowBounds(),
+) -> List[Dict[int, Score]]:
     """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume with voxels of
-    ``spacing`` mm: {n: (Dice, NSD)} after n protocol clicks for each n in ``clicks``.
+    ``spacing`` mm: {n: Score} after n protocol clicks for each n in ``clicks``.
 
-    The crop is planned around the first click as the server does, and later clicks go on the errors inside it
-    (the lesion's neighbourhood); lesion voxels outside it count as missed. A mask without error gets no
-    further click."""
+    Each request goes through the model as the server serves it (``Segmenter``: crops planned on all the clicks so
+    far, a lesion that reaches a crop's face followed within ``bounds``). The next click goes on the largest error
+    anywhere, foreground on a miss, background on a leak; a mask without error gets no further click."""
     components, count = ndimage.label(label, structure=CONNECTIVITY)
     results = []
     for index in range(1, count + 1):
         lesion = components == index
+        segmenter = Segmenter(model, "evaluation", BoundedCache(EVALUATION_CACHE_BYTES, CropEncoding.nbytes.fget),
+                              BoundedCache(EVALUATION_CACHE_BYTES // 4, tensor_bytes), bounds)
         first, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
-        crop = plan_crops(Clicks(first[None], np.zeros((0, 3)), "model"), volume.shape, model.crop_size)[0]
-        truth_in_crop = extract_crop(torch.as_tensor(lesion), crop).numpy()
-        # Where a crop runs past the volume (zero-padded) there is nothing to click on.
-        in_volume = extract_crop(torch.ones(lesion.shape), crop).numpy() > 0
-        encoding = model.encode(extract_crop(volume, crop)[None, None].to(model.device))
-        crop_clicks, scores = crop.clicks, {}
+        clicks_so_far, scores = Clicks(first[None], np.zeros((0, 3)), "model"), {}
         for n in range(1, max(clicks) + 1):
-            in_crop = predicted_mask(model, encoding, crop_clicks) & in_volume
+            crops = plan_crops(clicks_so_far, volume.shape, model.crop_size)
+            prediction = segmenter.segment(volume, crops, clicks_so_far, "evaluation").prob.numpy() > 0.5
+            box = grown_box(prediction, lesion, margin=int(np.ceil(tolerance / min(spacing))) + 1)
             if n in clicks:
-                pasted = torch.zeros(lesion.shape)
-                paste_max(pasted, torch.as_tensor(in_crop, dtype=torch.float32), crop)
-                prediction = pasted.numpy() > 0.5
-                box = grown_box(prediction, lesion, margin=int(np.ceil(tolerance / min(spacing))) + 1)
-                scores[n] = (
-                    dice(prediction[box], lesion[box]),
-                    surface_dice(prediction[box], lesion[box], spacing, tolerance),
+                recall = float((prediction & lesion).sum() / lesion.sum())
+                scores[n] = Score(
+                    dice(prediction[box], lesion[box]), surface_dice(prediction[box], lesion[box], spacing, tolerance), recall
                 )
-            correction = protocol_click(in_crop, truth_in_crop, spacing)
+            correction = protocol_click(prediction[box], lesion[box], spacing)
             if correction is not None:
-                crop_clicks = crop_clicks.added(correction[0], foreground=correction[1] == 1)
+                click = correction[0] + np.array([b.start for b in box])
+                clicks_so_far = clicks_so_far.added(click, foreground=correction[1] == 1)
         results.append(scores)
     return results
 

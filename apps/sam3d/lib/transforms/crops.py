@@ -1,4 +1,7 @@
-"""Crop planning and stitching: clicks on one lesion share a crop; clicks far apart get crops of their own."""
+"""Crop planning and stitching: clicks on one lesion share a crop; clicks far apart get crops of their own.
+
+Boxes are cubes given by their corner (``start``, voxel indices of the model's grid, never negative) and side; a box
+may run past the volume, whose outside reads as zero (the normalised mean) and is dropped when pasting back."""
 
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
@@ -17,7 +20,11 @@ class Crop:
     clicks: Clicks  # in the crop's frame: its group's foreground clicks, the background clicks inside it
 
     def box(self) -> Tuple[slice, ...]:
-        return tuple(slice(s, s + self.size) for s in self.start)
+        return box_slices(self.start, self.size)
+
+
+def box_slices(start: Sequence[int], size: int) -> Tuple[slice, ...]:
+    return tuple(slice(int(s), int(s) + size) for s in start)
 
 
 def crop_start(center: np.ndarray, shape: Sequence[int], size: int) -> Tuple[int, int, int]:
@@ -62,14 +69,27 @@ def plan_crops(clicks: Clicks, shape: Sequence[int], size: int) -> List[Crop]:
 
 def extract_crop(volume: torch.Tensor, crop: Crop) -> torch.Tensor:
     """volume: (D, H, W) -> (size, size, size), zero-padded (the normalised mean) where it leaves the volume."""
-    region = volume[crop.box()]
-    pad = [p for axis in reversed(range(3)) for p in (0, crop.size - region.shape[axis])]
+    return extract_box(volume, crop.start, crop.size)
+
+
+def extract_box(volume: torch.Tensor, start: Sequence[int], size: int) -> torch.Tensor:
+    """volume: (D, H, W) -> the (size, size, size) box at ``start``, zero-padded where it leaves the volume."""
+    region = volume[box_slices(start, size)]
+    pad = [p for axis in reversed(range(3)) for p in (0, size - region.shape[axis])]
     return F.pad(region, pad) if any(pad) else region
 
 
-def paste_max(target: torch.Tensor, prob: torch.Tensor, crop: Crop) -> None:
-    """Stitch a crop's probabilities into the (D, H, W) volume, keeping the larger where crops overlap."""
-    box = crop.box()
-    region = target[box]
+def zoomed_box(volume: torch.Tensor, start: Sequence[int], size: int, out_size: int) -> torch.Tensor:
+    """The (size,)*3 box at ``start`` seen at a coarser spacing: averaged down to (out_size,)*3 (each output
+    voxel the mean of the input voxels it covers). Serving and training's zoom augmentation both use it, so the
+    model sees a zoomed-out crop at serving as it was trained to."""
+    region = extract_box(volume, start, size)
+    return F.interpolate(region[None, None].float(), size=(out_size,) * 3, mode="area")[0, 0]
+
+
+def paste_max(target: torch.Tensor, prob: torch.Tensor, start: Sequence[int]) -> None:
+    """Stitch a box's probabilities (a cube at ``start``) into the (D, H, W) volume, keeping the larger where boxes
+    overlap; what runs past the volume is dropped."""
+    region = target[box_slices(start, prob.shape[0])]
     inside = prob[tuple(slice(0, n) for n in region.shape)]
     torch.maximum(region, inside, out=region)

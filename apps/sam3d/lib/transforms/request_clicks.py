@@ -16,6 +16,7 @@ from lib.errors import InvalidRequest
 from lib.model import Clicks
 
 from .grid import GridMap
+from .keys import CLICKS, IMAGE
 
 MAX_CLICKS = 1000  # per request, foreground and background together
 
@@ -66,17 +67,17 @@ class ValidateClicksd(MapTransform):
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         d = dict(data)
-        d["clicks"] = validate_clicks(d, [int(n) for n in d[self.keys[0]].meta["spatial_shape"]])
+        d[CLICKS] = validate_clicks(d, [int(n) for n in d[self.keys[0]].meta["spatial_shape"]])
         return d
 
 
 class MapClicksToImaged(MapTransform):
     """After reorienting and resampling ``image``, move ``data['clicks']`` onto its grid (the ``"model"`` frame)."""
 
-    def __init__(self, keys: KeysCollection = "image") -> None:
+    def __init__(self, keys: KeysCollection = IMAGE) -> None:
         super().__init__(keys)
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         d = dict(data)
-        d["clicks"] = GridMap.of(d[self.keys[0]]).clicks_to_model(d["clicks"])
+        d[CLICKS] = GridMap.of(d[self.keys[0]]).clicks_to_model(d[CLICKS])
         return d

@@ -11,6 +11,7 @@ from monai.transforms import MapTransform, Spacing, SpatialResample
 from lib.errors import InvalidRequest
 
 from .grid import GridMap
+from .keys import CROP_BOXES, IMAGE, PRED
 
 
 class ResampleToOriginalGridd(MapTransform):
@@ -23,7 +24,7 @@ class ResampleToOriginalGridd(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection = "pred", ref: str = "image", boxes_key: Optional[str] = "crop_boxes",
+        self, keys: KeysCollection = PRED, ref: str = IMAGE, boxes_key: Optional[str] = CROP_BOXES,
         threshold: float = 0.5,
     ) -> None:
         super().__init__(keys)
