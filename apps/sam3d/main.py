@@ -185,9 +185,11 @@ class Sam3DApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown image {image!r}: not in the datastore")
         try:
             result = super().infer(request, datastore)
-        except InvalidRequest as e:
+        except (InvalidRequest, FileNotFoundError) as e:  # a file that vanishes before the read, or during it
             if stored and self.deleted_meanwhile(datastore, image):
                 raise HTTPException(status_code=404, detail=f"image {image!r} was deleted from the datastore") from e
+            if isinstance(e, FileNotFoundError):
+                raise
             raise HTTPException(status_code=422, detail=str(e)) from e
         uncertainty = (result.get("params") or {}).get("uncertainty")
         if uncertainty is not None and stored:
