@@ -34,7 +34,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
-from lib.model import Clicks, build_sam3d  # noqa: E402
+from lib.model import Clicks, CropEncoding, build_sam3d  # noqa: E402
 
 
 def synchronize() -> None:
@@ -117,6 +117,55 @@ class ReferenceModel:
         return logits.softmax(dim=1)[0, 1]
 
 
+def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats: int) -> Dict[str, float]:
+    """Refinement clicks on an encoded crop (``first`` clicked before, ``refined`` one more foreground click,
+    both foreground only): the decoder side only."""
+    size, device = model.crop_size, model.device
+    clicks, refine = (torch.as_tensor(c.foreground, device=device) for c in (first, refined))
+    rows = {}
+    rows["refinement click, cached (s)"], _ = timed(
+        lambda: model.foreground_probability(encoding, refined), repeats, "refinement"
+    )
+    # A correction-trained model's refinement: one decoder round that also reads the previous mask; the
+    # authors' checkpoints take a background click through the rule instead (two decoder passes).
+    both, labels = torch.cat([clicks, refine]), torch.tensor([1, 0], device=device)
+    previous = torch.randn((size,) * 3, device=device)
+
+    @torch.no_grad()
+    def background_click(correction_trained: bool) -> torch.Tensor:
+        model.correction_trained = correction_trained
+        return model.click_logits(encoding, both, labels, previous if correction_trained else None)
+
+    rows["correction round with the previous mask (s)"], _ = timed(lambda: background_click(True), repeats, "round")
+    rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), repeats, "rule")
+    # The refiner alone (part of every round above): over the whole crop in a first round, in the bounding box of
+    # the masks and clicks in a correction round (here a 40-voxel lesion's).
+    points, labels = both[None], labels[None]
+    lesion = torch.zeros(1, 2, size, size, size, device=device)
+    lesion[:, 0] = 5.0
+    lesion[:, 1, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20] = 10.0
+    previous = lesion[:, 1:] - lesion[:, :1]
+    for name, mask in (("first round, whole crop", None), ("correction round, 40-voxel lesion", previous)):
+        rows[f"refiner, {name} (s)"], _ = timed(
+            torch.no_grad()(lambda: model.refiner(encoding.image, lesion, points, labels, mask)), repeats, "refiner"
+        )
+    return rows
+
+
+def random_encoding(model) -> CropEncoding:
+    """An encoding of the right shapes without the encoder's minute on a CPU (the decoder's timings do not
+    depend on the values)."""
+    size = model.crop_size
+    grid = size // 4  # the decoder answers at four times its deepest map's grid
+    deep = model.prompt_encoder.click_type.shape[1]
+    head = model.mask_decoder.classifier[0].weight.shape[0]
+    return CropEncoding(
+        torch.randn(1, head, 2 * grid, 2 * grid, 2 * grid, device=model.device),
+        torch.randn(1, deep, grid, grid, grid, device=model.device),
+        torch.randn(1, 1, size, size, size, device=model.device),
+    )
+
+
 def model_figures(args) -> Dict[str, str]:
     device = args.device
     torch.manual_seed(0)
@@ -140,21 +189,7 @@ def model_figures(args) -> Dict[str, str]:
     rows = {}
     rows["first click (s)"], prob = timed(first_click, args.repeats, "first click")
     encoding = model.encode(crop[None, None])
-    rows["refinement click, cached (s)"], _ = timed(
-        lambda: model.foreground_probability(encoding, refined), args.repeats, "refinement"
-    )
-    # A correction-trained model's refinement: one decoder round that also reads the previous mask; the
-    # authors' checkpoints take a background click through the rule instead (two decoder passes).
-    both, labels = torch.cat([clicks, refine]), torch.tensor([1, 0], device=device)
-    previous = torch.randn((size,) * 3, device=device)
-
-    @torch.no_grad()
-    def background_click(correction_trained: bool) -> torch.Tensor:
-        model.correction_trained = correction_trained
-        return model.click_logits(encoding, both, labels, previous if correction_trained else None)
-
-    rows["correction round with the previous mask (s)"], _ = timed(lambda: background_click(True), args.repeats, "round")
-    rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), args.repeats, "rule")
+    rows.update(correction_figures(model, encoding, first, refined, args.repeats))
     if reference:
         rows["reference forward (s)"], reference_prob = timed(lambda: reference.predict(crop, clicks), args.repeats, "reference")
         rows["first click speed-up vs reference"] = rows["reference forward (s)"] / rows["first click (s)"]
@@ -259,6 +294,8 @@ def main() -> None:
     parser.add_argument("--bfloat16", action="store_true", help="also time the bfloat16 path and its output change")
     parser.add_argument("--rest", action="store_true", help="also time a click through a server on loopback")
     parser.add_argument("--rest-only", action="store_true", help="only the server figures")
+    parser.add_argument("--corrections-only", action="store_true",
+                        help="only the refinement and correction figures, on a random encoding (no encoder run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -273,7 +310,14 @@ def main() -> None:
         args.reference = None
     torch.set_num_threads(args.threads)
 
-    rows = {} if args.rest_only else model_figures(args)
+    if args.corrections_only:
+        torch.manual_seed(0)
+        model = build_sam3d(backbone=args.backbone).to(args.device).eval()
+        first, refined = (Clicks([[model.crop_size // 2 + d, model.crop_size // 2, model.crop_size // 2]], [], "crop")
+                          for d in (0, 4))
+        rows = correction_figures(model, random_encoding(model), first, refined, args.repeats)
+    else:
+        rows = {} if args.rest_only else model_figures(args)
     if args.rest or args.rest_only:
         rows.update(rest_figures(args))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()

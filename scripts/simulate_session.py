@@ -16,7 +16,7 @@ of the app and a fresh studies folder holding the images only, and acts as a rad
 - saves the ground truth's tumour mask as the image's `final` label (what the radiologist ends with);
 - every K saved labels, POST /train/sam3d (--train-steps steps on all saved labels, from the model in use) and
   goes on annotating while it trains; the server serves the published model from the next click on. A run that
-  is due while another trains starts when that one ends. With --train-wait it waits for each run instead: the
+  falls due while another trains starts with the first label saved after that one ends. With --train-wait it waits for each run instead: the
   simulated radiologist takes a second or two per case where a person takes minutes, so without it a session
   ends before the first run does.
 
@@ -193,7 +193,8 @@ class Radiologist:
 
 
 class Trainer:
-    """When to train: a run every K saved labels; a run due while one trains starts when that one ends."""
+    """When to train: a run every K saved labels; one that falls due while another trains starts at the first
+    label saved after that one ends."""
 
     def __init__(self, radiologist: Radiologist, every: int, saved: int, finished_before: int, wait: bool) -> None:
         self.radiologist = radiologist
@@ -227,7 +228,7 @@ class Trainer:
                     time.sleep(1)
 
 
-def prepare(folder: str, cases: List[Tuple[str, str, str]], demo_from: List[str]) -> Tuple[str, str]:
+def prepare(folder: str, cases: List[Tuple[str, str, str]], demo_from: List[str]) -> None:
     """A copy of the app and a studies folder with the images only; the demo weights that an earlier session
     of this run made are reused (the server would train them again)."""
     app = copy_app(folder)
@@ -240,7 +241,6 @@ def prepare(folder: str, cases: List[Tuple[str, str, str]], demo_from: List[str]
         if os.path.exists(source):
             shutil.copy(source, os.path.join(app, "model", DEMO_FILE))
             break
-    return app, studies
 
 
 def server_conf(args: argparse.Namespace) -> List[str]:
@@ -272,15 +272,16 @@ def run_session(
     folder = os.path.join(args.out, "sessions", name)
     done = [r for r in rows if r["session"] == name]
     done_cases = list(dict.fromkeys(r["case"] for r in done))
-    if len(done_cases) >= len(cases):
+    if not os.path.isdir(folder):  # else --resume
+        partial = folder + ".partial"  # renamed when whole: a run stopped while preparing leaves no half session
+        shutil.rmtree(partial, ignore_errors=True)
+        prepare(partial, cases, demo_from)
+        os.rename(partial, folder)
+    app, studies = os.path.join(folder, "sam3d"), os.path.join(folder, "studies")
+    final = os.path.join(studies, "labels", "final")
+    if os.path.isdir(final) and len(os.listdir(final)) >= len(cases):
         logger.info(f"{name}: all {len(cases)} cases done")
         return
-    if os.path.isdir(os.path.join(folder, "studies")):  # --resume
-        app, studies = os.path.join(folder, "sam3d"), os.path.join(folder, "studies")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        app, studies = prepare(folder, cases, demo_from)
     by_id = {case: (image, label) for case, image, label in cases}
     kinds = read_lesion_kinds(args.data)
     label_value = args.label_value or TUMOUR_LABEL.get(args.preset)
@@ -297,16 +298,21 @@ def run_session(
             for case in done_cases:  # rows written, label not yet saved when the run stopped
                 if case not in labelled:
                     radiologist.save_final(case, tumour(by_id[case][1], label_value), by_id[case][0])
+            # Cases without a lesion have a label and no row.
+            annotated = len(labelled | set(done_cases))
             finished_before = max([int(r["runs_finished"]) for r in done], default=0)
-            trainer = Trainer(radiologist, every, len(done_cases), finished_before, args.train_wait)
-            progress = tqdm(total=len(cases), initial=len(done_cases), desc=name, unit="case")
-            for order in range(len(done_cases) + 1, len(cases) + 1):
+            trainer = Trainer(radiologist, every, annotated, finished_before, args.train_wait)
+            progress = tqdm(total=len(cases), initial=annotated, desc=name, unit="case")
+            for order in range(annotated + 1, len(cases) + 1):
                 case = radiologist.next_sample(strategy)
                 if case is None:
                     break
                 image_path, label_path = by_id[case]
                 truth = tumour(label_path, label_value)
-                spacing = tuple(header(image_path).GetSpacing())
+                geometry = header(image_path)
+                if truth.shape != geometry.GetSize():
+                    raise SystemExit(f"{label_path}: {truth.shape} voxels, its image {geometry.GetSize()}")
+                spacing = tuple(geometry.GetSpacing())
                 components, count = ndimage.label(truth, structure=CONNECTIVITY)
                 case_rows = []
                 for index in range(1, count + 1):

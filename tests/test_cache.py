@@ -9,7 +9,7 @@ from lib.model import CropEncoding
 
 
 def encoding(value: float, voxels: int = 1000) -> CropEncoding:
-    return CropEncoding(torch.full((voxels,), value), torch.full((voxels,), value))
+    return CropEncoding(*(torch.full((voxels,), value) for _ in range(3)))
 
 
 def test_keys_depend_on_content_model_and_preset():

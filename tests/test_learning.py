@@ -37,10 +37,11 @@ def test_a_tiny_model_learns_to_segment_held_out_lesions_from_one_click(trained_
     assert after >= 0.8, (before, after)
 
 
-def test_corrections_never_cost_dice_on_held_out_hard_lesions(trained_tiny_mixed, tmp_path):
+def test_corrections_improve_the_mask_on_held_out_hard_lesions(trained_tiny_mixed, tmp_path):
     """Clicks two to five by the challenge protocol on held-out hard lesions (lobulated, ring, low-contrast,
-    touching a same-intensity vessel, which makes the first mask leak): none may undo what earlier clicks got.
-    Before the mask memory and correction rounds a click cost 0.09 Dice on average (docs/evaluation.md)."""
+    touching a same-intensity vessel, which makes the first mask leak) must improve the mask, and none may undo
+    what earlier clicks got. Before the mask memory and correction rounds a click cost 0.09 Dice on average;
+    before the full-resolution refiner five clicks gained 0.001 (docs/evaluation.md)."""
     from lib.phantoms import hard_studies, write_studies
     from lib.trainers.evaluate import lesion_scores, worst_drop
 
@@ -57,7 +58,8 @@ def test_corrections_never_cost_dice_on_held_out_hard_lesions(trained_tiny_mixed
     drops = [worst_drop(curve) for curve in curves]
     assert curves[:, 0].mean() >= 0.7, curves.mean(0)
     assert np.mean(drops) <= 0.02, (np.mean(drops), curves.mean(0))
-    assert curves[:, 4].mean() >= curves[:, 0].mean() - 0.005, curves.mean(0)  # five clicks lose nothing
+    # Measured: 0.837 -> 0.864 on these eight (0.001 gained before the refiner).
+    assert curves[:, 4].mean() >= curves[:, 0].mean() + 0.015, curves.mean(0)
 
 
 class CrashingVolumes(list):

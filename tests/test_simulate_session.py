@@ -83,3 +83,19 @@ def test_a_short_session_trains_and_serves_what_it_trained(msd_folder, tmp_path)
         curve = [float(d) for d in r["dice_per_click"].split()]
         assert len(curve) == int(r["clicks"]) and curve[-1] == pytest.approx(float(r["dice"]), abs=1e-4)
     assert (out / "session.png").stat().st_size > 0
+
+
+def test_a_line_cut_short_by_a_kill_is_left_out_of_the_record(tmp_path):
+    from simulate_session import COLUMNS, read_rows
+
+    row = {"session": "first_every2", "strategy": "first", "train_every": "2", "order": "1", "case": "a", "lesion": "1",
+           "kind": "", "clicks": "2", "reached": "0", "dice": "0.5", "dice_per_click": "0.4 0.5", "model_seconds": "0.2",
+           "seconds": "1.0", "weights": "initial (untrained)", "weights_labels": "0", "runs_finished": "0"}
+    path = tmp_path / "session.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerow(row)
+        f.write("first_every2,first,2,2,b,1,,3,0,0.")  # the kill came mid-row
+    rows = read_rows(str(path))
+    assert len(rows) == 1 and rows[0]["case"] == "a" and rows[0]["clicks"] == 2 and rows[0]["dice"] == 0.5

@@ -79,3 +79,43 @@ def test_slicer_clicks_in_ras_land_on_the_lesion_and_the_mask_covers_it_in_physi
         voxel_mm3 = float(np.prod(image.GetSpacing()))
         lesion_mm3 = 4 / 3 * np.pi * np.prod(radii)
         assert in_lesion.sum() * voxel_mm3 > 0.5 * lesion_mm3, (study.name, in_lesion.sum() * voxel_mm3, lesion_mm3)
+
+
+def test_a_slicer_correction_sequence_does_what_each_click_asks_and_improves_the_mask(slicer_server, tmp_path):
+    """A radiologist correcting in Slicer: after the first click, three corrections placed by the challenge's
+    protocol on the image's own grid (the deepest voxel of the largest error: a control point in the foreground
+    list on a miss, in the background list on a leak), each sent in RAS as Slicer sends it, with every click of
+    the segment. Each answer must take the clicked voxel the way the click asks (before the full-resolution
+    refiner a click on a boundary moved nothing), and the corrections must not undo the mask (this lesion's
+    first mask is already near 0.94)."""
+    from scipy import ndimage
+
+    from lib.trainers.simulated_user import protocol_click
+    from lib.trainers.evaluate import dice
+    from make_demo_studies import STUDIES
+
+    url, studies = slicer_server
+    study = STUDIES[1]  # anisotropic, with permuted and flipped axes
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    image = sitk.ReadImage(f"{studies}/{study.name}.nii.gz")
+    spacing = image.GetSpacing()[::-1]  # (k, j, i), as the arrays
+    centre = study.lesions[0][0]
+    first = slicer_click(image, centre)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(f"{studies}/labels/final/{study.name}.nii.gz")) > 0
+    components, _ = ndimage.label(labels)
+    truth = components == components[first[2], first[1], first[0]]  # the clicked lesion only
+
+    params = {"label": "Segment_1", "foreground": [first], "background": [], "result_extension": ".nrrd",
+              "result_dtype": "uint8"}
+    scores, last_click = [], None
+    for correction in range(4):
+        result, _ = client.infer("sam3d", study.name, params)
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(result)) > 0
+        scores.append(dice(mask, truth))
+        if last_click is not None:
+            voxel, sign = last_click
+            assert mask[tuple(voxel)] == bool(sign), (correction, voxel, sign, scores)  # the click's own voxel
+        last_click = voxel, sign = protocol_click(mask, truth, spacing)
+        ras = ijk_to_ras(image) @ np.append(voxel[::-1], 1.0)  # where the radiologist puts the control point
+        params["foreground" if sign else "background"].append(slicer_click(image, ras[:3]))
+    assert min(scores) > scores[0] - 0.02, scores

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from lib.model import build_sam3d, save_sam3d
+from lib.model import CheckpointError, build_sam3d, save_sam3d
+from lib.model.checkpoints import read_checkpoint
 from lib.phantoms import random_studies, write_studies
 from lib.trainers.data import load_labelled
 from lib.trainers.fit import fit
@@ -28,13 +29,26 @@ DEMO_PRESET = "kits"  # the server's default preset, which the demo click uses
 DEMO_STUDIES = 12
 DEMO_STEPS = 400
 DEMO_LEARNING_RATE = 1e-3
+# Raised when the model or its training changes what demo weights hold (2: the full-resolution refiner; 3:
+# training zooms a quarter of its crops out, for following large lesions), so that a model folder kept from an
+# older version gets weights made by this one.
+DEMO_RECIPE = 3
+
+
+def recipe_of(path: str) -> object:
+    try:
+        return read_checkpoint(path, mmap=True).get("meta", {}).get("recipe")
+    except CheckpointError:
+        return None  # unreadable (e.g. cut short): made again
 
 
 def demo_weights(model_dir: str) -> str:
     """The demo checkpoint in ``model_dir``, trained and written (atomically) when it is not there yet."""
     path = os.path.join(model_dir, DEMO_FILE)
     if os.path.exists(path):
-        return path
+        if recipe_of(path) == DEMO_RECIPE:
+            return path
+        logger.warning(f"sam3d: {path} was made by an older sam3d (or is unreadable): making it again")
     logger.warning(
         f"sam3d: no checkpoint given, so the demo weights are being made: the tiny model trained for {DEMO_STEPS} "
         f"steps on {DEMO_STUDIES} generated phantoms (first start only, a few minutes on a CPU; kept in {path})"
@@ -53,6 +67,7 @@ def demo_weights(model_dir: str) -> str:
     losses, _ = fit(model, volumes, DEMO_STEPS, PRESETS[DEMO_PRESET], lr=DEMO_LEARNING_RATE)
     meta = {
         "demo": True,
+        "recipe": DEMO_RECIPE,
         "preset": DEMO_PRESET,
         "steps": DEMO_STEPS,
         "train_images": DEMO_STUDIES,

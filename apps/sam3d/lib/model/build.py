@@ -12,6 +12,7 @@ from .checkpoints import CheckpointError, LoadReport, detect_format, load_author
 from .image_encoder import ImageEncoder3d
 from .mask_decoder import MaskDecoder3d
 from .prompt_encoder import PromptEncoder3d
+from .refiner import Refiner
 from .sam3d import Sam3D
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Sam3DConfig:
     prompt_heads: int = 8
     prompt_mlp_dim: int = 2048
     decoder_chans: int = 128
+    refiner_chans: int = 8
 
     @property
     def token_grid(self) -> int:
@@ -56,7 +58,7 @@ CONFIGS = {
 TRAINABLE = re.compile(
     r"image_encoder\.(depth_embed|patch_embed\.slice_embed\..+|necks\..+"
     r"|blocks\.\d+\.(adapter\..+|norm1\..+|norm2\..+|attn\.rel_pos_d))"
-    r"|prompt_encoder\..+|mask_decoder\..+"
+    r"|prompt_encoder\..+|mask_decoder\..+|refiner\..+"
 )
 
 
@@ -77,7 +79,7 @@ def create_model(config: Sam3DConfig) -> Sam3D:
     )
     prompt = PromptEncoder3d(config.out_chans, config.prompt_heads, config.prompt_mlp_dim)
     decoder = MaskDecoder3d(config.out_chans, config.decoder_chans)
-    return Sam3D(encoder, prompt, decoder, config.crop_size)
+    return Sam3D(encoder, prompt, decoder, Refiner(config.refiner_chans), config.crop_size)
 
 
 def trainable_names(model: nn.Module) -> Sequence[str]:

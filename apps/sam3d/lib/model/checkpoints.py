@@ -194,8 +194,9 @@ AUTHORS_DECODER_RULES: Tuple[Rule, ...] = (
     (r"mlahead\.head([2-5])\.(.+)", lambda m: f"mask_decoder.heads.{int(m.group(1)) - 2}.{m.group(2)}"),
     (r"cls\.(.+)", r"mask_decoder.classifier.\1"),
 )
-# sam3d's own prompts (prompt_encoder.py): absent from the authors' files, they stay at their zero start there.
-SAM3D_ONLY = ("prompt_encoder.click_type", "prompt_encoder.mask_memory.")
+# sam3d's own prompts (prompt_encoder.py) and refiner (refiner.py): absent from the authors' files, they stay at
+# their zero start there.
+SAM3D_ONLY = ("prompt_encoder.click_type", "prompt_encoder.mask_memory.", "refiner.")
 AUTHORS_IGNORED_WHY = {
     "attn_mask": "shifted-window mask, recomputed from the configuration",
     "cross_attn_token_to_image": "unused by the authors' forward pass",

@@ -15,6 +15,7 @@ from .clicks import Clicks
 from .image_encoder import ImageEncoder3d
 from .mask_decoder import MaskDecoder3d
 from .prompt_encoder import PromptEncoder3d
+from .refiner import Refiner
 
 
 @dataclass
@@ -23,10 +24,11 @@ class CropEncoding:
 
     prepared: torch.Tensor  # (B, head_chans, 2g, 2g, 2g): the decoder's click-independent part
     deep: torch.Tensor  # (B, C, g, g, g): the deepest feature map, conditioned on clicks at decode time
+    image: torch.Tensor  # (B, 1, S, S, S): the crop's intensities, for the full-resolution refiner
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.prepared, self.deep))
+        return sum(t.numel() * t.element_size() for t in (self.prepared, self.deep, self.image))
 
 
 def exclude_background(logit_fg: torch.Tensor, logit_bg: torch.Tensor, nearer_background: torch.Tensor) -> torch.Tensor:
@@ -65,12 +67,18 @@ class PrefixMemo(Protocol):
 
 class Sam3D(nn.Module):
     def __init__(
-        self, image_encoder: ImageEncoder3d, prompt_encoder: PromptEncoder3d, mask_decoder: MaskDecoder3d, crop_size: int
+        self,
+        image_encoder: ImageEncoder3d,
+        prompt_encoder: PromptEncoder3d,
+        mask_decoder: MaskDecoder3d,
+        refiner: Refiner,
+        crop_size: int,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.refiner = refiner
         self.crop_size = crop_size
         self.weights_info: dict = {}  # where the weights came from, filled by build_sam3d
         # The parameters training updates (their requires_grad is on), decided once by build_sam3d.
@@ -99,7 +107,7 @@ class Sam3D(nn.Module):
         with self.autocast():
             features = self.image_encoder(crop)
             low_res = F.interpolate(crop, scale_factor=0.5, mode="trilinear")
-            return CropEncoding(self.mask_decoder.prepare(features[:3], low_res), features[3])
+            return CropEncoding(self.mask_decoder.prepare(features[:3], low_res), features[3], crop.detach().clone())  # not a view of a volume
 
     def decode(
         self,
@@ -111,9 +119,11 @@ class Sam3D(nn.Module):
         """points: (B, N, 3) (d, h, w) crop voxel indices; labels: (B, N) 1 = foreground, 0 = background (default
         all foreground); previous: (B, 1, S, S, S) the crop's previous foreground log-odds, or None -> logits
         (B, 2, S, S, S), float32."""
+        labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
         with self.autocast():
             deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3, labels, previous)
-            return self.mask_decoder(encoding.prepared, deep).float()
+            logits = self.mask_decoder(encoding.prepared, deep).float()
+        return self.refiner(encoding.image, logits, points, labels, previous)
 
     def click_logits(
         self,

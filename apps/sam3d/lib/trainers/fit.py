@@ -40,6 +40,9 @@ def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, L
 MAX_CORRECTION_ROUNDS = 4
 # How often a round adds no click: the model also learns to keep, or settle, its previous answer.
 NO_CLICK_PROBABILITY = 0.1
+# How often a correction click is drawn inside the error rather than at its deepest voxel (users' aim varies;
+# evaluation clicks the deepest voxel).
+DRAWN_CLICK_PROBABILITY = 0.5
 
 
 def first_clicks(lesion: np.ndarray, rng: np.random.Generator, background_probability: float) -> Tuple[list, list]:
@@ -65,8 +68,8 @@ def train_step(
     """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
 
     A user correcting a mask, simulated: the encoder runs once; a first click, then up to ``max_rounds``
-    rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction
-    (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
+    rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction, or
+    drawn inside it (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
     prompt. The loss is the mean over the rounds, so every click is taught to improve the mask."""
     model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
     encoding = model.encode_with_grad(crop)
@@ -75,7 +78,8 @@ def train_step(
     previous, losses = None, []
     for round_index in range(1 + int(rng.integers(0, max_rounds + 1))):
         if round_index and rng.random() >= NO_CLICK_PROBABILITY:
-            correction = protocol_click(previous.cpu().numpy() > 0, lesion)
+            aim = rng if rng.random() < DRAWN_CLICK_PROBABILITY else None
+            correction = protocol_click(previous.cpu().numpy() > 0, lesion, rng=aim)
             if correction is None:
                 break
             points.append(correction[0])

@@ -58,7 +58,10 @@ def background_click(lesion: np.ndarray, rng: np.random.Generator, near: float =
 
 
 def protocol_click(
-    prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    rng: Optional[np.random.Generator] = None,
 ) -> Optional[Tuple[np.ndarray, int]]:
     """The challenge's next click: (voxel index, 1 = foreground / 0 = background), or None when the mask is right.
 
@@ -66,7 +69,8 @@ def protocol_click(
     voxel deepest inside (largest distance in mm to its border, the array's faces count as border) the largest
     26-connected component of the error ``prediction XOR truth``, foreground where that voxel is tumour (a miss),
     background where it is not (a leak). With an empty prediction it is the first click: the lesion's deepest
-    voxel. Ties go to the first voxel in C order (the challenge draws one at random)."""
+    voxel. Ties go to the first voxel in C order (the challenge draws one at random). With ``rng`` the click is
+    drawn inside that component in proportion to depth^2 instead, as a user's aim varies (for training)."""
     error = prediction != truth
     components, count = ndimage.label(error, structure=CONNECTIVITY)
     if count == 0:
@@ -76,5 +80,10 @@ def protocol_click(
     box = grown_box(region, margin=0)
     # Padded with background: the array's faces count as border (the challenge's black border).
     depth = ndimage.distance_transform_edt(np.pad(region[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-    click = np.array([s.start for s in box]) + np.array(np.unravel_index(depth.argmax(), depth.shape))
+    if rng is None:
+        index = depth.argmax()
+    else:
+        weights = depth.ravel() ** 2
+        index = rng.choice(weights.size, p=weights / weights.sum())
+    click = np.array([s.start for s in box]) + np.array(np.unravel_index(index, depth.shape))
     return click, int(truth[tuple(click)])
