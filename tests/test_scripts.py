@@ -85,10 +85,11 @@ def test_evaluate_reports_every_tumour_of_an_msd_dataset(tmp_path, demo_studies)
     ).stdout
     with open(out / "results.csv") as f:
         rows = f.read().splitlines()
-    assert rows[0] == "case,lesion,kind,dice_1,nsd_1,dice_2,nsd_2,dice_auc,worst_drop" and len(rows) - 1 == lesions
+    assert rows[0] == "case,lesion,kind,dice_1,nsd_1,recall_1,dice_2,nsd_2,recall_2,dice_auc,worst_drop"
+    assert len(rows) - 1 == lesions
     scores = np.array([[float(v) for v in row.split(",")[3:]] for row in rows[1:]])
     assert ((scores >= 0) & (scores <= 1)).all()
-    assert "| case | lesions | Dice@1 | Dice@2 | NSD@1 | NSD@2 | Dice AUC | worst drop |" in table  # no kinds: per case
+    assert "| case | lesions | Dice@1 | Dice@2 | NSD@1 | NSD@2 | recall@1 | Dice AUC | worst drop |" in table  # no kinds: per case
     assert f"| all (mean per lesion) | {lesions} |" in table and (out / "results.png").stat().st_size > 0
 
 
@@ -201,8 +202,9 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path):
         assert np.isclose(float(row["worst_drop"]), max(0.0, dice[0] - dice[1], dice[1] - dice[2]))
     table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
                                               for line in (out / "results.md").read_text().splitlines() if line.startswith("| "))}
-    assert table["kind"] == ["lesions", "Dice@1", "Dice@2", "Dice@3", "NSD@1", "NSD@2", "NSD@3", "Dice AUC", "worst drop"]
-    columns = ["dice_1", "dice_2", "dice_3", "nsd_1", "nsd_2", "nsd_3", "dice_auc", "worst_drop"]
+    assert table["kind"] == ["lesions", "Dice@1", "Dice@2", "Dice@3", "NSD@1", "NSD@2", "NSD@3", "recall@1", "Dice AUC",
+                             "worst drop"]
+    columns = ["dice_1", "dice_2", "dice_3", "nsd_1", "nsd_2", "nsd_3", "recall_1", "dice_auc", "worst_drop"]
     for name, chosen in [(r["kind"], [r]) for r in rows] + [("all (mean per lesion)", rows)]:
         expected = [str(len(chosen))] + [f"{np.mean([float(r[c]) for r in chosen]):.3f}" for c in columns]
         assert table[name] == expected, name
