@@ -3,7 +3,7 @@
 The demo volumes go in as DICOM CT series (scripts/make_dicom_studies.py, uploaded with STOW-RS); MONAI Label
 serves them with `--studies http://.../dicom-web`; clicks on their lesions give masks on the series' grid; a
 saved final label lands in Orthanc as a DICOM-SEG that references its series and reads back voxel for voxel;
-and OHIF, in headless Chromium, sends a click and shows the mask.
+and OHIF, in headless Chromium, sends a click and shows the mask, and a background click there takes a leak off it.
 """
 
 import io
@@ -21,6 +21,7 @@ import pydicom
 import pydicom_seg
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -30,6 +31,7 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 
 
 def get_json(url):
@@ -187,6 +189,62 @@ def green_pixels(png: bytes, box) -> int:
     return int(((g > r + 40) & (g > b + 40)).sum())
 
 
+BROWSER_ARGS = ["--use-gl=swiftshader", "--enable-unsafe-swiftshader"]
+# Moves a cornerstone viewport's slice through a patient (LPS) point and returns the point's page coordinates:
+# what a radiologist does by scrolling to the slice and pointing at the spot.
+SHOW_AND_LOCATE = """([world, viewportId]) => {
+  const viewport = window.cornerstone.getEnabledElements().find(e => e.viewportId === viewportId).viewport;
+  const camera = viewport.getCamera();
+  const normal = camera.viewPlaneNormal;
+  const along = normal.reduce((sum, n, i) => sum + n * (world[i] - camera.focalPoint[i]), 0);
+  viewport.setCamera({
+    focalPoint: camera.focalPoint.map((v, i) => v + along * normal[i]),
+    position: camera.position.map((v, i) => v + along * normal[i]),
+  });
+  viewport.render();
+  const [x, y] = viewport.worldToCanvas(world);
+  const rect = viewport.canvas.getBoundingClientRect();
+  return [rect.left + x, rect.top + y];
+}"""
+
+
+def open_point_prompts(page, server, study_name):
+    """OHIF (MONAI Label mode) on ``study_name`` from the PACS, its panel connected to ``server``, the point
+    prompts open with the tumour segment chosen."""
+    page.goto(f"{server}/ohif/", wait_until="networkidle", timeout=120_000)
+    page.get_by_text("Confirm and Hide").click()
+    page.get_by_text(study_name).first.click()
+    page.get_by_role("button", name="MONAI Label").first.click()
+    server_field = page.locator("input[value='http://127.0.0.1:8000/']")
+    server_field.wait_for(timeout=120_000)
+    server_field.fill(f"{server}/")
+    page.locator(".actionButton").first.click()
+    page.get_by_text("Point Prompts").click()
+    page.get_by_text("tumor", exact=True).click()
+    page.locator("canvas").first.wait_for(timeout=120_000)
+    page.wait_for_timeout(3000)  # the slices stream in
+
+
+def run_sam3d(page, answers, count):
+    """Press the panel's Run and wait for the ``count``-th answer of /infer/sam3d and for its mask to be drawn."""
+    page.get_by_role("button", name="Run").nth(1).click()
+    deadline = time.time() + 120
+    while len(answers) < count and time.time() < deadline:
+        page.wait_for_timeout(500)
+    page.wait_for_timeout(5000)
+    assert len(answers) == count and answers[-1].status == 200, answers
+
+
+def save_screenshot(page, name):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    return page.screenshot(path=os.path.join(ARTIFACTS, name))
+
+
+def request_clicks(answer):
+    """The click parameters OHIF sent with an answered request (the multipart form's params field)."""
+    return json.loads(answer.request.post_data.split("\r\n\r\n", 1)[1].split("\r\n", 1)[0])
+
+
 def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
     pacs_server, dicom_series, tmp_path
 ):
@@ -201,28 +259,13 @@ def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
 
     study = STUDIES[2]
     series = read_series(dicom_series[study.name])
-    artifacts = os.path.join(os.path.dirname(os.path.dirname(__file__)), "test-artifacts")
-    os.makedirs(artifacts, exist_ok=True)
     answers = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--use-gl=swiftshader", "--enable-unsafe-swiftshader"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.on("response", lambda r: answers.append(r) if "/infer/sam3d" in r.url else None)
-        page.goto(f"{pacs_server}/ohif/", wait_until="networkidle", timeout=120_000)
-        page.get_by_text("Confirm and Hide").click()
-        page.get_by_text(study.name).first.click()
-        page.get_by_role("button", name="MONAI Label").first.click()
-        server_field = page.locator("input[value='http://127.0.0.1:8000/']")
-        server_field.wait_for(timeout=120_000)
-        server_field.fill(f"{pacs_server}/")
-        page.locator(".actionButton").first.click()
-        page.get_by_text("Point Prompts").click()
-        page.get_by_text("tumor", exact=True).click()
-
-        viewport = page.locator("canvas").first
-        viewport.wait_for(timeout=120_000)
-        page.wait_for_timeout(3000)  # the slices stream in
-        box = viewport.bounding_box()
+        open_point_prompts(page, pacs_server, study.name)
+        box = page.locator("canvas").first.bounding_box()
         before = page.screenshot()
         gray = np.asarray(Image.open(io.BytesIO(before)).convert("L")).astype(float)
         x, y, w, h = (int(v) for v in (box["x"], box["y"], box["width"], box["height"]))
@@ -232,14 +275,9 @@ def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
         page.mouse.click(x + cx, y + cy)
         page.wait_for_timeout(1000)
         marked = page.screenshot()
-        page.get_by_role("button", name="Run").nth(1).click()
-        deadline = time.time() + 120
-        while not answers and time.time() < deadline:
-            page.wait_for_timeout(500)
-        page.wait_for_timeout(5000)  # the mask is drawn
-        after = page.screenshot(path=os.path.join(artifacts, "ohif_sam3d.png"))
-        assert answers and answers[0].status == 200, answers
-        params = json.loads(answers[0].request.post_data.split("\r\n\r\n", 1)[1].split("\r\n", 1)[0])
+        run_sam3d(page, answers, 1)
+        after = save_screenshot(page, "ohif_sam3d.png")
+        params = request_clicks(answers[0])
         mask_bytes = answers[0].body()
         browser.close()
 
@@ -252,6 +290,98 @@ def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
     points = mask_points_ras(mask)
     assert len(points) and inside_ellipsoid(points, centre, radii).mean() > 0.7
     assert green_pixels(after, box) > green_pixels(marked, box) + 50  # the segment is drawn over the image
+
+
+@pytest.fixture(scope="module")
+def touching_series(orthanc, tmp_path_factory):
+    """A held-out hard study whose lesion touches a vessel of its own intensity (a first click leaks into it),
+    uploaded to the PACS: (name, series folder, label image)."""
+    from lib.phantoms import hard_studies, write_studies
+    from make_dicom_studies import upload, write_series
+
+    study = hard_studies(4, seed=3000)[3]
+    assert study.lesions[0].kind == "touching"
+    folder = tmp_path_factory.mktemp("touching")
+    write_studies(str(folder), studies=[study])
+    files = write_series(str(folder / f"{study.name}.nii.gz"), study.name, str(folder / "dicom"))
+    upload(files, f"{orthanc}/dicom-web")
+    return study.name, os.path.dirname(files[0]), sitk.ReadImage(str(folder / "labels" / "final" / f"{study.name}.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def pacs_server_corrections(orthanc, touching_series, trained_tiny_mixed, tmp_path_factory):
+    """A server on the PACS with the model trained on hard lesions as users correct them."""
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint",
+            trained_tiny_mixed[0], "--conf", "warmup", "false"]
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path_factory.mktemp("dicomweb_cache_corrections"))}
+    log = str(tmp_path_factory.mktemp("logs_corrections") / "server.log")
+    proc, url = start_server(APP, f"{orthanc}/dicom-web", conf, log, env)
+    yield url
+    stop_server(proc)
+
+
+def test_ohif_a_background_click_on_a_leak_shrinks_the_leak_and_keeps_the_lesion(
+    pacs_server_corrections, touching_series, tmp_path
+):
+    """A radiologist's correction in OHIF: a first foreground click at the lesion's deepest point gives a mask
+    that leaks into the touching vessel; they pick the panel's background row, scroll to the leak's deepest
+    point and click it, pick the tumour row again (OHIF sends the chosen row's points as foreground) and run.
+    The second request must carry the first click as foreground and the click on the leak as background; its
+    mask must have lost much of the leak and kept the lesion; the viewport still shows a mask."""
+    from playwright.sync_api import sync_playwright
+
+    from lib.trainers.simulated_user import CONNECTIVITY, interior_click
+
+    name, _, truth = touching_series
+    lesion_point = truth.TransformIndexToPhysicalPoint(
+        [int(v) for v in interior_click(sitk.GetArrayFromImage(truth) > 0)[::-1]]  # the array is (k, j, i)
+    )
+    answers, masks = [], []
+
+    def mask_of(answer, index):
+        path = tmp_path / f"mask{index}.nrrd"
+        path.write_bytes(answer.body())
+        return sitk.ReadImage(str(path))
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("response", lambda r: answers.append(r) if "/infer/sam3d" in r.url else None)
+        open_point_prompts(page, pacs_server_corrections, name)
+        page.mouse.click(*page.evaluate(SHOW_AND_LOCATE, [list(lesion_point), "mpr-axial"]))
+        page.wait_for_timeout(1000)
+        run_sam3d(page, answers, 1)
+        masks.append(mask_of(answers[0], 1))
+
+        lesion = sitk.GetArrayFromImage(sitk.Resample(truth, masks[0], sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
+        first = sitk.GetArrayFromImage(masks[0]) > 0
+        components, count = ndimage.label(first & ~lesion, structure=CONNECTIVITY)
+        assert count, "the first mask does not leak: nothing to correct"
+        leak = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+        leak_point = masks[0].TransformIndexToPhysicalPoint([int(v) for v in interior_click(leak)[::-1]])
+
+        page.get_by_text("background", exact=True).click()
+        page.mouse.click(*page.evaluate(SHOW_AND_LOCATE, [list(leak_point), "mpr-axial"]))
+        page.wait_for_timeout(1000)
+        page.get_by_text("tumor", exact=True).click()
+        page.wait_for_timeout(1000)
+        run_sam3d(page, answers, 2)
+        box = page.locator("canvas").first.bounding_box()
+        after = save_screenshot(page, "ohif_sam3d_background_click.png")
+        masks.append(mask_of(answers[1], 2))
+        browser.close()
+
+    first_clicks, second_clicks = request_clicks(answers[0]), request_clicks(answers[1])
+    assert second_clicks["foreground"] == first_clicks["foreground"] and len(second_clicks["background"]) == 1
+    (i, j, k) = second_clicks["background"][0]
+    assert leak[k, j, i], "OHIF's background click is not on the leak"
+    second = sitk.GetArrayFromImage(masks[1]) > 0
+    leaked_before, leaked_after = (first & ~lesion).sum(), (second & ~lesion).sum()
+    # Measured with this recipe (scripts/train.py, seed 0): the leak 582 -> 243 voxels, the lesion in the mask 1047 -> 1035
+    # of 1047.
+    assert leaked_after <= 0.7 * leaked_before, (leaked_before, leaked_after)
+    assert (second & lesion).sum() >= (first & lesion).sum() - 0.05 * lesion.sum(), "the lesion went with the leak"
+    assert green_pixels(after, box) > 50  # the corrected mask is drawn
 
 
 def test_a_pacs_that_is_down_or_hung_gets_a_clear_error_in_bounded_time_and_sam3d_recovers(
