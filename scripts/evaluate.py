@@ -11,7 +11,10 @@ leak. Each request is served as the server serves it: crops planned on the click
 reaches a crop's face followed beyond it (zoomed out, then refined) within --follow-max-extent and
 --follow-max-crops (the server's defaults; --follow-max-extent 1: one crop per click group, as before following).
 Per lesion: Dice, NSD and recall (the fraction of the lesion inside the mask) after clicks 1..N, the area under the Dice curve (AUC: the mean of Dice@1..N) and
-the worst drop (the largest fall of Dice after one click). Where DATA holds lesion_kinds.json (written with the
+the worst drop (the largest fall of Dice after one click); which kind each click was (click_n: foreground,
+background, or none when the mask was already right), and per group the mean change of Dice that a background
+click caused (what a click on a leak does to the mask); and the share of the wrong voxels on the lesion's
+boundary (boundary_n: near 1, what is left is a band one voxel wide). Where DATA holds lesion_kinds.json (written with the
 hard phantoms by scripts/make_demo_studies.py --hard) each lesion carries its study's kind. Writes per-lesion
 rows (results.csv), a table per kind (else per case) and overall (results.md, also printed) and a plot of Dice
 and NSD against clicks (results.png) to --out.
@@ -74,7 +77,7 @@ def lesion_row(case: str, lesion: int, kind: str, scores: Dict[int, Score], clic
     """One csv row: Dice, NSD and recall after each click, the AUC and worst drop of the Dice curve."""
     row = {"case": case, "lesion": lesion, "kind": kind}
     for n in range(1, clicks + 1):
-        row[f"dice_{n}"], row[f"nsd_{n}"], row[f"recall_{n}"] = scores[n]
+        row[f"dice_{n}"], row[f"nsd_{n}"], row[f"recall_{n}"], row[f"click_{n}"], row[f"boundary_{n}"] = scores[n]
     curve = [scores[n][0] for n in range(1, clicks + 1)]
     row["dice_auc"], row["worst_drop"] = dice_auc(curve), worst_drop(curve)
     return row
@@ -87,15 +90,24 @@ def groups(rows: List[Dict]) -> Tuple[str, Dict[str, List[Dict]]]:
     return key, {**{name: [r for r in rows if r[key] == name] for name in names}, "all (mean per lesion)": rows}
 
 
+def background_changes(rows: List[Dict], clicks: int) -> List[float]:
+    """The change of Dice that each background click of ``rows`` caused (Dice@n - Dice@n-1 where click n was a
+    background click: mostly a click on a leak)."""
+    return [float(r[f"dice_{n}"]) - float(r[f"dice_{n - 1}"])
+            for r in rows for n in range(2, clicks + 1) if r[f"click_{n}"] == "background"]
+
+
 def markdown_table(rows: List[Dict], clicks: int) -> str:
     key, grouped = groups(rows)
     columns = [f"{metric}_{n}" for metric in ("dice", "nsd") for n in range(1, clicks + 1)] + ["recall_1"]
     names = {"dice": "Dice", "nsd": "NSD", "recall": "recall"}
     header = [key, "lesions"] + [f"{names[c.split('_')[0]]}@{c.split('_')[1]}" for c in columns]
-    header += ["Dice AUC", "worst drop"]
+    header += ["Dice AUC", "worst drop", "background clicks", "Dice change per background click"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, chosen in grouped.items():
         cells = [name, str(len(chosen))] + [f"{np.mean([r[c] for r in chosen]):.3f}" for c in columns + ["dice_auc", "worst_drop"]]
+        changes = background_changes(chosen, clicks)
+        cells += [str(len(changes)), f"{np.mean(changes):+.3f}" if changes else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

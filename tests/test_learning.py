@@ -39,8 +39,8 @@ def test_a_tiny_model_learns_to_segment_held_out_lesions_from_one_click(trained_
 
 def test_corrections_improve_the_mask_on_held_out_hard_lesions(trained_tiny_mixed, tmp_path):
     """Clicks two to five by the challenge protocol on held-out hard lesions (lobulated, ring, low-contrast,
-    touching a same-intensity vessel, which makes the first mask leak) must improve the mask, and none may undo
-    what earlier clicks got. Before the mask memory and correction rounds a click cost 0.09 Dice on average;
+    touching a same-intensity vessel, which makes the first mask leak) must improve the mask, background clicks on
+    leaks included, and none may undo what earlier clicks got. Before the mask memory and correction rounds a click cost 0.09 Dice on average;
     before the full-resolution refiner five clicks gained 0.001 (docs/evaluation.md)."""
     from lib.phantoms import hard_studies, write_studies
     from lib.trainers.evaluate import lesion_scores, worst_drop
@@ -49,18 +49,23 @@ def test_corrections_improve_the_mask_on_held_out_hard_lesions(trained_tiny_mixe
     write_studies(str(tmp_path), studies=studies)
     model = build_sam3d(checkpoint=trained_tiny_mixed[0])
     assert model.correction_trained
-    curves = []
+    curves, background_changes = [], []
     for study in studies:
         volume, label = load_kits(str(tmp_path), study.name)
         for scores in lesion_scores(model, volume[0], label[0].numpy(), (1, 2, 3, 4, 5)):
-            curves.append([scores[n][0] for n in (1, 2, 3, 4, 5)])
+            curves.append([scores[n].dice for n in (1, 2, 3, 4, 5)])
+            background_changes += [scores[n].dice - scores[n - 1].dice for n in (2, 3, 4, 5) if scores[n].click == "background"]
     curves = np.array(curves)
     drops = [worst_drop(curve) for curve in curves]
     assert curves[:, 0].mean() >= 0.7, curves.mean(0)
-    # Measured on these eight: a mean worst drop of 0.022 (0.09 before the mask memory and correction rounds) and
-    # Dice 0.799 -> 0.857 over five clicks (0.001 gained before the refiner).
+    # Measured on these eight: a mean worst drop of 0.020 (0.09 before the mask memory and correction rounds) and
+    # Dice 0.803 -> 0.869 over five clicks (0.001 gained before the refiner).
     assert np.mean(drops) <= 0.03, (np.mean(drops), curves.mean(0))
     assert curves[:, 4].mean() >= curves[:, 0].mean() + 0.025, curves.mean(0)
+    # A background click (the protocol gives one where the largest error is a leak) must take Dice up on average: before the
+    # mask memory the first one on a touching lesion's leak cost 0.22 (docs/evaluation.md). Measured: +0.022 on
+    # average over 20 background clicks, the worst -0.003.
+    assert len(background_changes) >= 3 and np.mean(background_changes) > 0, background_changes
 
 
 class CrashingVolumes(list):

@@ -85,11 +85,16 @@ def test_evaluate_reports_every_tumour_of_an_msd_dataset(tmp_path, demo_studies)
     ).stdout
     with open(out / "results.csv") as f:
         rows = f.read().splitlines()
-    assert rows[0] == "case,lesion,kind,dice_1,nsd_1,recall_1,dice_2,nsd_2,recall_2,dice_auc,worst_drop"
+    assert rows[0] == ("case,lesion,kind,dice_1,nsd_1,recall_1,click_1,boundary_1,dice_2,nsd_2,recall_2,click_2,boundary_2,"
+                       "dice_auc,worst_drop")
     assert len(rows) - 1 == lesions
-    scores = np.array([[float(v) for v in row.split(",")[3:]] for row in rows[1:]])
+    header = rows[0].split(",")
+    cells = [dict(zip(header, row.split(","))) for row in rows[1:]]
+    scores = np.array([[float(c[k]) for k in header[3:] if not k.startswith("click_")] for c in cells])
     assert ((scores >= 0) & (scores <= 1)).all()
-    assert "| case | lesions | Dice@1 | Dice@2 | NSD@1 | NSD@2 | recall@1 | Dice AUC | worst drop |" in table  # no kinds: per case
+    assert all(c["click_1"] == "foreground" and c["click_2"] in ("foreground", "background", "none") for c in cells)
+    assert ("| case | lesions | Dice@1 | Dice@2 | NSD@1 | NSD@2 | recall@1 | Dice AUC | worst drop | background clicks "
+            "| Dice change per background click |") in table  # no kinds: per case
     assert f"| all (mean per lesion) | {lesions} |" in table and (out / "results.png").stat().st_size > 0
 
 
@@ -200,11 +205,15 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path):
         dice = [float(row[f"dice_{n}"]) for n in (1, 2, 3)]
         assert np.isclose(float(row["dice_auc"]), np.mean(dice))
         assert np.isclose(float(row["worst_drop"]), max(0.0, dice[0] - dice[1], dice[1] - dice[2]))
+        assert row["click_1"] == "foreground" and {row["click_2"], row["click_3"]} <= {"foreground", "background", "none"}
     table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
                                               for line in (out / "results.md").read_text().splitlines() if line.startswith("| "))}
     assert table["kind"] == ["lesions", "Dice@1", "Dice@2", "Dice@3", "NSD@1", "NSD@2", "NSD@3", "recall@1", "Dice AUC",
-                             "worst drop"]
+                             "worst drop", "background clicks", "Dice change per background click"]
     columns = ["dice_1", "dice_2", "dice_3", "nsd_1", "nsd_2", "nsd_3", "recall_1", "dice_auc", "worst_drop"]
     for name, chosen in [(r["kind"], [r]) for r in rows] + [("all (mean per lesion)", rows)]:
         expected = [str(len(chosen))] + [f"{np.mean([float(r[c]) for r in chosen]):.3f}" for c in columns]
+        changes = [float(r[f"dice_{n}"]) - float(r[f"dice_{n - 1}"]) for r in chosen for n in (2, 3)
+                   if r[f"click_{n}"] == "background"]
+        expected += [str(len(changes)), f"{np.mean(changes):+.3f}" if changes else "-"]
         assert table[name] == expected, name

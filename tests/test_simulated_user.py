@@ -107,3 +107,17 @@ def test_the_protocol_click_measures_depth_in_millimetres():
     assert click.tolist() == [6, 10, 30] and sign == 0
     click, sign = protocol_click(np.zeros_like(error), error, (3.0, 1.0, 1.0))
     assert click.tolist() == [6, 10, 10] and sign == 1
+
+
+def test_the_boundary_share_tells_a_one_voxel_band_from_a_deeper_miss():
+    from lib.trainers.evaluate import boundary_share
+
+    axis = np.arange(24) - 11.5
+    distance = np.sqrt(sum(a**2 for a in np.meshgrid(axis, axis, axis, indexing="ij")))
+    truth = distance <= 7
+    assert boundary_share(truth, truth) == 1.0
+    assert boundary_share(distance <= 8, truth) == 1.0  # a mask one voxel too large all round: all on the boundary
+    assert boundary_share(distance <= 6.2, truth) > 0.95  # one voxel too small
+    hollow = truth & (distance > 3)  # misses the lesion's core, far from its boundary
+    assert boundary_share(hollow, truth) == 0.0
+    assert 0 < boundary_share(hollow & (distance <= 6.2), truth) < 1

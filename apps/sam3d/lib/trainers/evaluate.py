@@ -52,10 +52,23 @@ def worst_drop(dice_per_click: Sequence[float]) -> float:
     return float(max([0.0, *(np.asarray(dice_per_click[:-1]) - np.asarray(dice_per_click[1:]))]))
 
 
+def boundary_share(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """The fraction of the wrong voxels that lie on the truth's boundary: missed tumour voxels next to
+    non-tumour, leaked voxels next to tumour (1 if nothing is wrong). A share near 1 says that what is left is a
+    band one voxel wide, which one more click mends only around itself."""
+    missed, leaked = truth & ~prediction, prediction & ~truth
+    if not missed.any() and not leaked.any():
+        return 1.0
+    on_boundary = (missed & ~ndimage.binary_erosion(truth, CONNECTIVITY)) | (leaked & ndimage.binary_dilation(truth, CONNECTIVITY))
+    return float(on_boundary.sum() / (missed.sum() + leaked.sum()))
+
+
 class Score(NamedTuple):
     dice: float
     nsd: float
     recall: float  # the fraction of the lesion inside the mask
+    click: str  # the click that gave this mask: "foreground", "background" or "none" (the mask was already right)
+    boundary: float  # boundary_share of the mask
 
 
 # Bytes of crop encodings and correction rounds an evaluation keeps per lesion (a lesion followed over many crops
@@ -86,7 +99,7 @@ def lesion_scores(
         segmenter = Segmenter(model, "evaluation", BoundedCache(EVALUATION_CACHE_BYTES, CropEncoding.nbytes.fget),
                               BoundedCache(EVALUATION_CACHE_BYTES // 4, tensor_bytes), bounds)
         first, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
-        clicks_so_far, scores = Clicks(first[None], np.zeros((0, 3)), "model"), {}
+        clicks_so_far, scores, kinds = Clicks(first[None], np.zeros((0, 3)), "model"), {}, ["foreground"]
         for n in range(1, max(clicks) + 1):
             crops = plan_crops(clicks_so_far, volume.shape, model.crop_size)
             prediction = segmenter.segment(volume, crops, clicks_so_far, "evaluation").prob.numpy() > 0.5
@@ -94,12 +107,19 @@ def lesion_scores(
             if n in clicks:
                 recall = float((prediction & lesion).sum() / lesion.sum())
                 scores[n] = Score(
-                    dice(prediction[box], lesion[box]), surface_dice(prediction[box], lesion[box], spacing, tolerance), recall
+                    dice(prediction[box], lesion[box]),
+                    surface_dice(prediction[box], lesion[box], spacing, tolerance),
+                    recall,
+                    kinds[-1],
+                    boundary_share(prediction[box], lesion[box]),
                 )
             correction = protocol_click(prediction[box], lesion[box], spacing)
-            if correction is not None:
+            if correction is None:
+                kinds.append("none")
+            else:
                 click = correction[0] + np.array([b.start for b in box])
                 clicks_so_far = clicks_so_far.added(click, foreground=correction[1] == 1)
+                kinds.append("foreground" if correction[1] == 1 else "background")
         results.append(scores)
     return results
 
