@@ -5,7 +5,7 @@ Public axis convention: a crop is a ``(D, H, W)`` array (batched: ``(B, 1, D, H,
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Union
+from typing import List, Optional, Protocol, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -119,11 +119,22 @@ class Sam3D(nn.Module):
         """points: (B, N, 3) (d, h, w) crop voxel indices; labels: (B, N) 1 = foreground, 0 = background (default
         all foreground); previous: (B, 1, S, S, S) the crop's previous foreground log-odds, or None -> logits
         (B, 2, S, S, S), float32."""
+        return self.decode_with_decoder_logits(encoding, points, labels, previous)[0]
+
+    def decode_with_decoder_logits(
+        self,
+        encoding: CropEncoding,
+        points: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        previous: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode`, and the authors' decoder's own logits before the refiner (both (B, 2, S, S, S)), which
+        training supervises too."""
         labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
         with self.autocast():
             deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3, labels, previous)
             logits = self.mask_decoder(encoding.prepared, deep).float()
-        return self.refiner(encoding.image, logits, points, labels, previous)
+        return self.refiner(encoding.image, logits, points, labels, previous), logits
 
     def click_logits(
         self,
@@ -135,12 +146,11 @@ class Sam3D(nn.Module):
         """points: (N, 3) (d, h, w) crop indices, at least one of them foreground; labels: (N,) 1 = foreground,
         0 = background; previous: (S, S, S) the previous foreground log-odds of this crop, or None -> (S, S, S)
         float32 foreground log-odds. Differentiable (training uses it)."""
+        if self.correction_trained:
+            return self.correction_round(encoding, points, labels, previous)[0]
         device = encoding.deep.device
         points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
         previous = None if previous is None else previous.detach().to(device)[None, None]
-        if self.correction_trained:
-            logits = self.decode(encoding, points[None], labels[None], previous)[0]
-            return logits[1] - logits[0]  # sigmoid(l1 - l0) is the two-class softmax's foreground probability
         foreground = points[labels == 1]
         logits = self.decode(encoding, foreground[None], previous=previous)[0]
         logit = logits[1] - logits[0]
@@ -148,6 +158,22 @@ class Sam3D(nn.Module):
             logits_bg = self.decode(encoding, points[labels == 0][None])[0]
             logit = exclude_background(logit, logits_bg[1] - logits_bg[0], nearer_to_background(points, labels, self.crop_size))
         return logit
+
+    def correction_round(
+        self,
+        encoding: CropEncoding,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        previous: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One round of a correction-trained model (arguments as :meth:`click_logits`, background clicks as prompts
+        of their own type) -> (S, S, S) foreground log-odds after the refiner, and the decoder's own before it."""
+        device = encoding.deep.device
+        points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
+        previous = None if previous is None else previous.detach().to(device)[None, None]
+        refined, decoder = self.decode_with_decoder_logits(encoding, points[None], labels[None], previous)
+        # sigmoid(l1 - l0) is the two-class softmax's foreground probability
+        return refined[0, 1] - refined[0, 0], decoder[0, 1] - decoder[0, 0]
 
     def correction_logits(self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None) -> torch.Tensor:
         """Foreground log-odds (S, S, S) after all ``clicks`` (``"crop"`` frame), for a request that carries every

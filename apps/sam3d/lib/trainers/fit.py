@@ -43,6 +43,10 @@ NO_CLICK_PROBABILITY = 0.1
 # How often a correction click is drawn inside the error rather than at its deepest voxel (users' aim varies;
 # evaluation clicks the deepest voxel).
 DRAWN_CLICK_PROBABILITY = 0.5
+# The first round also supervises the authors' decoder alone (deep supervision): without it the decoder's own
+# log-odds stayed near zero and the full-resolution refiner, which sees a few voxels around each, drew first masks
+# alone, a tenth worse on low-contrast lesions (docs/evaluation.md).
+DECODER_LOSS_WEIGHT = 0.5
 
 
 def first_clicks(lesion: np.ndarray, rng: np.random.Generator, background_probability: float) -> Tuple[list, list]:
@@ -70,7 +74,8 @@ def train_step(
     A user correcting a mask, simulated: the encoder runs once; a first click, then up to ``max_rounds``
     rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction, or
     drawn inside it (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
-    prompt. The loss is the mean over the rounds, so every click is taught to improve the mask."""
+    prompt. The loss is the mean over the rounds, so every click is taught to improve the mask; the first round's
+    includes the decoder's own answer."""
     model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
     encoding = model.encode_with_grad(crop)
     lesion = label[0, 0].bool().cpu().numpy()
@@ -84,8 +89,10 @@ def train_step(
                 break
             points.append(correction[0])
             labels.append(correction[1])
-        logit = model.click_logits(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels), previous)
+        logit, decoder_logit = model.correction_round(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels), previous)
         losses.append(LOSS(torch.stack([torch.zeros_like(logit), logit])[None], label))
+        if round_index == 0:
+            losses[-1] = losses[-1] + DECODER_LOSS_WEIGHT * LOSS(torch.stack([torch.zeros_like(decoder_logit), decoder_logit])[None], label)
         previous = logit.detach()
     loss = torch.stack(losses).mean()
     optimizer.zero_grad()
