@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from monai.transforms import (
     Compose,
@@ -37,12 +38,27 @@ MR_SHIFT = 0.1
 # How often a training crop is zoomed out, and how far (serving zooms out 1.5x per level up to 4x).
 ZOOM_OUT_PROBABILITY = 0.25
 ZOOM_OUT_RANGE = (1.5, 4.0)
+# Serving zooms out only for a lesion whose mask reaches a crop's faces, so training zooms out only as far as the
+# lesion still spans this share of the crop. Zoomed-out crops of small lesions (a few voxels each) were a view
+# serving never makes, and they stalled the decoder: its own answer stayed near zero (docs/evaluation.md).
+ZOOMED_LESION_SHARE = 1 / 3
+
+
+def lesion_extent(mask: np.ndarray, voxel: np.ndarray, window: float) -> int:
+    """The largest side, in voxels, of the bounding box of ``mask``'s 26-connected lesion at ``voxel``, looked for
+    within a box of ``window`` voxels per side about it."""
+    half = int(math.ceil(window / 2))
+    box = tuple(slice(max(int(v) - half, 0), int(v) + half + 1) for v in voxel)
+    components, _ = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+    inside = np.argwhere(components == components[tuple(int(v) - b.start for v, b in zip(voxel, box))])
+    return int((inside.max(axis=0) - inside.min(axis=0) + 1).max())
 
 
 class RandZoomOutd(RandomizableTransform):
-    """With probability ``prob``: a box ``zoom`` (log-uniform in ``zoom_range``) times ``size`` per side about a
-    lesion voxel, averaged down to ``size`` as serving's zoomed-out crops are (``zoomed_box``); the label is the
-    voxels more than half lesion. Otherwise the data pass unchanged. {"image", "label"}: (1, D, H, W)."""
+    """With probability ``prob``: a box ``zoom`` (log-uniform in ``zoom_range``, but at most as far as the lesion
+    still spans ZOOMED_LESION_SHARE of the crop) times ``size`` per side about a lesion voxel, averaged down to
+    ``size`` as serving's zoomed-out crops are (``zoomed_box``); the label is the voxels more than half lesion.
+    Otherwise (and for a lesion too small to be followed) the data pass unchanged. {"image", "label"}: (1, D, H, W)."""
 
     def __init__(self, size: int, prob: float = ZOOM_OUT_PROBABILITY, zoom_range=ZOOM_OUT_RANGE) -> None:
         RandomizableTransform.__init__(self, prob)
@@ -55,10 +71,16 @@ class RandZoomOutd(RandomizableTransform):
         super().randomize(None)
         if not self._do_transform:
             return
-        low, high = np.log(self.zoom_range[0]), np.log(self.zoom_range[1])
-        self.zoom = float(np.exp(self.R.uniform(low, high)))
-        lesion = torch.nonzero(label[0] > 0.5).numpy()
+        mask = (torch.as_tensor(label[0]) > 0.5).numpy()
+        lesion = np.argwhere(mask)
         self.centre = lesion[self.R.randint(len(lesion))] if len(lesion) else None
+        if self.centre is None:
+            return
+        farthest = min(self.zoom_range[1], lesion_extent(mask, self.centre, self.size * self.zoom_range[1]) / (ZOOMED_LESION_SHARE * self.size))
+        if farthest < self.zoom_range[0]:  # too small a lesion to be followed: this crop stays as it is
+            self.centre = None
+            return
+        self.zoom = float(np.exp(self.R.uniform(np.log(self.zoom_range[0]), np.log(farthest))))
 
     def __call__(self, data: dict) -> dict:
         self.randomize(data["label"])
