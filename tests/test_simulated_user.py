@@ -121,3 +121,22 @@ def test_the_boundary_share_tells_a_one_voxel_band_from_a_deeper_miss():
     hollow = truth & (distance > 3)  # misses the lesion's core, far from its boundary
     assert boundary_share(hollow, truth) == 0.0
     assert 0 < boundary_share(hollow & (distance <= 6.2), truth) < 1
+
+
+def test_training_zooms_out_only_lesions_large_enough_to_be_followed_and_keeps_them_visible():
+    import torch
+
+    from lib.trainers.augment import ZOOMED_LESION_SHARE, RandZoomOutd
+
+    zoom_out = RandZoomOutd(38, prob=1.0)
+    zoom_out.set_random_state(seed=0)
+    image = torch.randn(1, 120, 120, 120)
+    small = {"image": image, "label": torch.as_tensor(ball((120, 120, 120), (60, 60, 60), 6))[None].float()}
+    for _ in range(5):  # a lesion well inside one crop: serving never zooms out for it, so neither does training
+        assert zoom_out(small)["image"] is image
+    large = {"image": image, "label": torch.as_tensor(ball((120, 120, 120), (60, 60, 60), 40))[None].float()}
+    for _ in range(5):
+        crop = zoom_out(large)
+        assert crop["image"].shape == (1, 38, 38, 38) and zoom_out.zoom >= 1.5
+        lesion = np.argwhere(crop["label"][0].numpy() > 0)
+        assert (lesion.max(axis=0) - lesion.min(axis=0) + 1).max() >= ZOOMED_LESION_SHARE * 38 - 1

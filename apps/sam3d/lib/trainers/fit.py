@@ -43,9 +43,9 @@ NO_CLICK_PROBABILITY = 0.1
 # How often a correction click is drawn inside the error rather than at its deepest voxel (users' aim varies;
 # evaluation clicks the deepest voxel).
 DRAWN_CLICK_PROBABILITY = 0.5
-# The first round also supervises the authors' decoder alone (deep supervision): without it the decoder's own
-# log-odds stayed near zero and the full-resolution refiner, which sees a few voxels around each, drew first masks
-# alone, a tenth worse on low-contrast lesions (docs/evaluation.md).
+# The first round also supervises the authors' decoder alone (deep supervision), so that it learns to segment as
+# the paper trains it and the full-resolution refiner, which sees a few voxels about each, corrects its answer
+# rather than drawing the mask alone (measured: docs/evaluation.md).
 DECODER_LOSS_WEIGHT = 0.5
 
 
