@@ -177,16 +177,8 @@ def hard_studies(count: int, seed: int = 2000) -> List[Study]:
         kind = HARD_KINDS[index % len(HARD_KINDS)]
         centre = np.asarray(HOST_CENTRE) + rng.uniform(-25, 25, 3) * [1, 1, 0.6]
         lesion = hard_lesion(kind, centre, rng)
-        world_axis = rng.permutation(3)  # voxel axis a runs along RAS axis world_axis[a]
-        permuted = np.zeros((3, 3))
-        permuted[world_axis, range(3)] = rng.choice([-1.0, 1.0], 3)
-        turns = [np.eye(3), rotation_z(rng.uniform(10, 30))] + [
-            rotation(2, rng.uniform(10, 30)) @ rotation(1, rng.uniform(10, 30)) @ rotation(0, rng.uniform(10, 30))
-        ]
-        direction = turns[index % 3] @ permuted
-        spacing = rng.uniform(0.7, 1.0, 3)
+        world_axis, direction, spacing = oblique_axes(rng, index)
         thick = int(np.flatnonzero(world_axis == 2)[0])
-        spacing[thick] = rng.choice([1.5, 2.5, 3.0, 5.0])
         field_of_view = np.where(np.arange(3) == thick, 90.0, 110.0)  # mm
         shape = tuple(int(n) for n in np.ceil(field_of_view / spacing))
         # Off-centre, so that the lesion is not always in the middle of the volume.
@@ -196,13 +188,11 @@ def hard_studies(count: int, seed: int = 2000) -> List[Study]:
     return studies
 
 
-def oblique_grid(
-    rng: np.random.Generator, index: int, field_of_view: np.ndarray, centre: np.ndarray, spacing_scale: float = 1.0
-) -> Tuple[Tuple[int, int, int], np.ndarray]:
-    """A thick-slice grid (1.5-5 mm slices along the body axis, 0.7-1 mm in plane, both times ``spacing_scale``) with
-    permuted, flipped axes, turned about no axis, one, or three (by ``index``), covering ``field_of_view`` (mm per
-    RAS axis) about ``centre``: (shape, affine)."""
-    world_axis = rng.permutation(3)  # voxel axis a runs along RAS axis world_axis[a]
+def oblique_axes(rng: np.random.Generator, index: int, spacing_scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thick-slice axes (1.5-5 mm slices along the body axis, 0.7-1 mm in plane, both times ``spacing_scale``),
+    permuted and flipped, turned about no axis, one, or three (by ``index``): (world_axis: voxel axis a runs along RAS
+    axis world_axis[a], (3, 3) direction, (3,) spacing in mm)."""
+    world_axis = rng.permutation(3)
     permuted = np.zeros((3, 3))
     permuted[world_axis, range(3)] = rng.choice([-1.0, 1.0], 3)
     turns = [np.eye(3), rotation_z(rng.uniform(10, 30))] + [
@@ -210,9 +200,15 @@ def oblique_grid(
     ]
     direction = turns[index % 3] @ permuted
     spacing = rng.uniform(0.7, 1.0, 3)
-    thick = int(np.flatnonzero(world_axis == 2)[0])
-    spacing[thick] = rng.choice([1.5, 2.5, 3.0, 5.0])
-    spacing = spacing * spacing_scale
+    spacing[int(np.flatnonzero(world_axis == 2)[0])] = rng.choice([1.5, 2.5, 3.0, 5.0])
+    return world_axis, direction, spacing * spacing_scale
+
+
+def oblique_grid(
+    rng: np.random.Generator, index: int, field_of_view: np.ndarray, centre: np.ndarray, spacing_scale: float = 1.0
+) -> Tuple[Tuple[int, int, int], np.ndarray]:
+    """A grid of ``oblique_axes`` covering ``field_of_view`` (mm per RAS axis) about ``centre``: (shape, affine)."""
+    world_axis, direction, spacing = oblique_axes(rng, index, spacing_scale)
     shape = tuple(int(n) for n in np.ceil(np.asarray(field_of_view)[world_axis] / spacing))
     return shape, make_affine(direction, tuple(spacing.tolist()), shape, tuple(centre.tolist()))
 

@@ -148,9 +148,7 @@ class Sam3D(nn.Module):
         float32 foreground log-odds. Differentiable (training uses it)."""
         if self.correction_trained:
             return self.correction_round(encoding, points, labels, previous)[0]
-        device = encoding.deep.device
-        points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
-        previous = None if previous is None else previous.detach().to(device)[None, None]
+        points, labels, previous = self.round_inputs(encoding, points, labels, previous)
         foreground = points[labels == 1]
         logits = self.decode(encoding, foreground[None], previous=previous)[0]
         logit = logits[1] - logits[0]
@@ -158,6 +156,14 @@ class Sam3D(nn.Module):
             logits_bg = self.decode(encoding, points[labels == 0][None])[0]
             logit = exclude_background(logit, logits_bg[1] - logits_bg[0], nearer_to_background(points, labels, self.crop_size))
         return logit
+
+    @staticmethod
+    def round_inputs(encoding: CropEncoding, points, labels, previous: Optional[torch.Tensor]):
+        """A round's clicks as tensors on the encoding's device, and the previous log-odds (S, S, S), detached, as
+        (1, 1, S, S, S) there (or None)."""
+        device = encoding.deep.device
+        points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
+        return points, labels, None if previous is None else previous.detach().to(device)[None, None]
 
     def correction_round(
         self,
@@ -168,9 +174,7 @@ class Sam3D(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """One round of a correction-trained model (arguments as :meth:`click_logits`, background clicks as prompts
         of their own type) -> (S, S, S) foreground log-odds after the refiner, and the decoder's own before it."""
-        device = encoding.deep.device
-        points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
-        previous = None if previous is None else previous.detach().to(device)[None, None]
+        points, labels, previous = self.round_inputs(encoding, points, labels, previous)
         refined, decoder = self.decode_with_decoder_logits(encoding, points[None], labels[None], previous)
         # sigmoid(l1 - l0) is the two-class softmax's foreground probability
         return refined[0, 1] - refined[0, 0], decoder[0, 1] - decoder[0, 0]

@@ -29,6 +29,8 @@ from monai.transforms import (
 from lib.transforms.crops import crop_start, zoomed_box
 from lib.transforms.presets import Preset
 
+from .simulated_user import CONNECTIVITY
+
 KEYS = ("image", "label")
 MODES = ("bilinear", "nearest")
 # The authors shift intensities by up to 20 HU before normalising; in normalised units that is 20 / std.
@@ -49,7 +51,7 @@ def lesion_extent(mask: np.ndarray, voxel: np.ndarray, window: float) -> int:
     within a box of ``window`` voxels per side about it."""
     half = int(math.ceil(window / 2))
     box = tuple(slice(max(int(v) - half, 0), int(v) + half + 1) for v in voxel)
-    components, _ = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+    components, _ = ndimage.label(mask[box], structure=CONNECTIVITY)
     inside = np.argwhere(components == components[tuple(int(v) - b.start for v, b in zip(voxel, box))])
     return int((inside.max(axis=0) - inside.min(axis=0) + 1).max())
 

@@ -49,6 +49,11 @@ DRAWN_CLICK_PROBABILITY = 0.5
 DECODER_LOSS_WEIGHT = 0.5
 
 
+def foreground_loss(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """LOSS of (S, S, S) foreground log-odds against a (1, 1, S, S, S) label (two-class logits [0, logit])."""
+    return LOSS(torch.stack([torch.zeros_like(logit), logit])[None], label)
+
+
 def first_clicks(lesion: np.ndarray, rng: np.random.Generator, background_probability: float) -> Tuple[list, list]:
     """A foreground click inside the lesion, sometimes with a background click outside it (near or far)."""
     points, labels = [interior_click(lesion, rng)], [1]
@@ -90,9 +95,8 @@ def train_step(
             points.append(correction[0])
             labels.append(correction[1])
         logit, decoder_logit = model.correction_round(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels), previous)
-        losses.append(LOSS(torch.stack([torch.zeros_like(logit), logit])[None], label))
-        if round_index == 0:
-            losses[-1] = losses[-1] + DECODER_LOSS_WEIGHT * LOSS(torch.stack([torch.zeros_like(decoder_logit), decoder_logit])[None], label)
+        loss = foreground_loss(logit, label)
+        losses.append(loss + DECODER_LOSS_WEIGHT * foreground_loss(decoder_logit, label) if round_index == 0 else loss)
         previous = logit.detach()
     loss = torch.stack(losses).mean()
     optimizer.zero_grad()
