@@ -93,10 +93,10 @@ def ours(args, checkpoint: Optional[str], bfloat16: bool, checkpointing: bool, c
     model.bfloat16 = bfloat16
     model.image_encoder.gradient_checkpointing = checkpointing
     optimizer, _ = fit.make_optimizer(model, steps=1)  # the schedule is never stepped: one step's cost
-    # One foreground click, hence one decoder pass as in the reference's step: no background click (a second
-    # pass) and no correction clicks; the same seed every step, so that every repeat and variant does the same work.
+    # One foreground click, then args.rounds - 1 correction rounds (1: one decoder pass, as in the reference's
+    # step); no background first click; the same seed every step, so that every repeat and variant does the same work.
     return lambda: fit.train_step(
-        model, crop, label, optimizer, np.random.default_rng(0), max_rounds=0, background_probability=0.0
+        model, crop, label, optimizer, np.random.default_rng(0), background_probability=0.0, rounds=args.rounds
     )
 
 
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--reference", help="a local checkout of med-air/3DSAM-adapter (vit_b only)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="decoder rounds per step: 1 as the reference; 1 + fit.MAX_CORRECTION_ROUNDS the most training runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -164,7 +166,8 @@ def main() -> None:
 
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"machine: {machine}; {os.cpu_count()} cores; torch {torch.__version__}; threads {torch.get_num_threads()}")
-    print(f"configuration: {args.backbone}, crop {size}^3; repeats {args.repeats} (median after one warm-up step)")
+    print(f"configuration: {args.backbone}, crop {size}^3; {args.rounds} decoder round(s) per step; repeats {args.repeats}"
+          " (median after one warm-up step)")
 
     def cell(value: Optional[float], unit: str = "") -> str:
         return "n/a" if value is None else f"{value:.3g}{unit}"
@@ -175,7 +178,7 @@ def main() -> None:
         print(f"| {VARIANTS[key]} | {cell(f['seconds'])} | {cell(f['peak_gib'])} | {cell(f['speedup_vs_reference'], 'x')}"
               f" | {cell(f['memory_vs_reference'], 'x')} | {cell(f['loss'])} |")
     report = {"machine": machine, "torch": torch.__version__, "backbone": args.backbone, "crop_size": size,
-              "repeats": args.repeats, "variants": {VARIANTS[key]: f for key, f in results.items()}}
+              "rounds": args.rounds, "repeats": args.repeats, "variants": {VARIANTS[key]: f for key, f in results.items()}}
     print(json.dumps(report))
     if args.json:
         with open(args.json, "w") as file:

@@ -5,6 +5,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+import pytest
 from monailabel.client import MONAILabelClient
 
 from conftest import start_server, stop_server
@@ -41,3 +42,56 @@ def test_a_correction_gets_the_same_mask_whoever_clicked_before_and_after_a_rest
     finally:
         stop_server(proc)
     assert np.array_equal(fresh, corrected)
+
+
+class SavedForBackward:
+    """A saved-tensors hook that keeps the bytes that autograd holds for the backward pass, and their peak."""
+
+    live = peak = 0
+
+    def __init__(self, tensor):
+        self.tensor, self.bytes = tensor, tensor.numel() * tensor.element_size()
+        SavedForBackward.live += self.bytes
+        SavedForBackward.peak = max(SavedForBackward.peak, SavedForBackward.live)
+
+    def __del__(self):
+        SavedForBackward.live -= self.bytes
+
+
+def test_checkpointed_training_rounds_compute_the_same_step_and_hold_little_memory_per_round():
+    import torch
+
+    from lib.model import CONFIGS, build_sam3d
+    from lib.trainers import fit
+
+    size = CONFIGS["tiny"].crop_size
+    crop = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(0))
+    d, h, w = torch.meshgrid(*[torch.arange(size)] * 3, indexing="ij")
+    label = (((d - size / 2) ** 2 + (h - size / 2) ** 2 + (w - size / 2) ** 2) <= (size / 5) ** 2).float()[None, None]
+
+    def step(checkpointing: bool, rounds: int):
+        torch.manual_seed(0)
+        model = build_sam3d(backbone="tiny").train()
+        model.image_encoder.gradient_checkpointing = checkpointing
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        SavedForBackward.live = SavedForBackward.peak = 0
+        with torch.autograd.graph.saved_tensors_hooks(SavedForBackward, lambda saved: saved.tensor):
+            loss = fit.train_step(
+                model, crop, label, torch.optim.SGD(trainable, lr=0.0), np.random.default_rng(0),
+                background_probability=0.0, rounds=rounds,
+            )
+        return loss, [p.grad for p in trainable], SavedForBackward.peak
+
+    kept = {rounds: step(False, rounds) for rounds in (1, 5)}
+    recomputed = {rounds: step(True, rounds) for rounds in (1, 5)}
+    for rounds in (1, 5):
+        assert recomputed[rounds][0] == pytest.approx(kept[rounds][0], abs=1e-6)
+        for recomputed_grad, kept_grad in zip(recomputed[rounds][1], kept[rounds][1]):
+            assert (recomputed_grad is None) == (kept_grad is None)
+            if kept_grad is not None:
+                assert torch.allclose(recomputed_grad, kept_grad, atol=1e-6)
+    # Four more rounds: measured 27.6 MiB more kept for the backward pass without checkpointing, 5.0 MiB with it
+    # (the rounds' decoder activations recomputed, only their inputs and losses kept).
+    growth_kept = kept[5][2] - kept[1][2]
+    growth_recomputed = recomputed[5][2] - recomputed[1][2]
+    assert growth_recomputed < 0.3 * growth_kept, (growth_recomputed / 2**20, growth_kept / 2**20)

@@ -64,6 +64,26 @@ def test_training_crops_keep_the_crop_size_the_label_binary_and_slices_unmixed_f
                 assert in_slice_spread.max() < 1e-3, in_slice_spread.max()
 
 
+def test_training_crops_of_a_volume_thinner_than_the_crop_are_zero_padded_as_serving_pads():
+    import torch
+
+    from lib.trainers.augment import training_crops
+    from lib.transforms.presets import PRESETS
+
+    # 20 slices and 24 columns: thinner than the 32-voxel crop (and its 38-voxel first crop) in two axes, as
+    # the paper configuration's 128-voxel crop is for a short scan.
+    image = torch.ones(1, 20, 50, 24)
+    label = torch.as_tensor(ball((20, 50, 24), (10, 25, 12), 5))[None].float()
+    transform = training_crops(PRESETS["kits"], 32, zoom_out_probability=0.0)
+    transform.set_random_state(seed=0)
+    for _ in range(8):
+        crop = transform({"image": image, "label": label})[0]
+        assert crop["image"].shape == crop["label"].shape == (1, 32, 32, 32)
+        assert crop["label"].sum() > 0
+        # The volume (1) beside zero padding, both shifted alike by the intensity augmentation.
+        assert crop["image"].max() - crop["image"].min() > 0.9
+
+
 def test_mask_uncertainty_is_zero_for_a_crisp_mask_and_grows_with_undecided_voxels():
     import torch
 

@@ -24,6 +24,7 @@ from monai.transforms import (
     RandSpatialCropd,
     RandZoomd,
     RandomizableTransform,
+    SpatialPadd,
 )
 
 from lib.transforms.crops import crop_start, zoomed_box
@@ -106,6 +107,9 @@ def training_crops(preset: Preset, size: int, zoom_out_probability: float = ZOOM
     outer = round(size * 1.2)
     transforms = [
         RandZoomOutd(outer, zoom_out_probability),
+        # A volume thinner than the crop (a short scan; the paper configuration's 154 voxels) is zero-padded, as
+        # serving pads a crop that leaves the volume (zero: the normalised mean).
+        SpatialPadd(KEYS, spatial_size=(outer,) * 3),
         RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=(outer,) * 3, pos=1, neg=0),
         RandShiftIntensityd("image", offsets=HU_SHIFT / preset.std if preset.std else MR_SHIFT, prob=0.5),
     ]

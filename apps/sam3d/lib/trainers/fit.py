@@ -11,6 +11,7 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LinearLR
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from lib.files import atomic_write
@@ -73,6 +74,7 @@ def train_step(
     rng: np.random.Generator,
     max_rounds: int = MAX_CORRECTION_ROUNDS,
     background_probability: float = FIRST_BACKGROUND_PROBABILITY,
+    rounds: Optional[int] = None,
 ) -> float:
     """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
 
@@ -80,13 +82,23 @@ def train_step(
     rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction, or
     drawn inside it (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
     prompt. The loss is the mean over the rounds, so every click is taught to improve the mask; the first round's
-    includes the decoder's own answer."""
+    includes the decoder's own answer. ``rounds`` (the first included) fixes the number of rounds, which is
+    otherwise drawn from 1..1 + ``max_rounds`` (a benchmark times a step of known work)."""
     model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
     encoding = model.encode_with_grad(crop)
+    correction_round = model.correction_round
+    if model.image_encoder.gradient_checkpointing:
+        # Each round's decoder activations at full resolution (about 0.7 GiB for the paper configuration) are
+        # recomputed in the backward pass rather than kept, so a step's memory does not grow with its rounds.
+        def correction_round(*inputs):
+            return checkpoint(model.correction_round, *inputs, use_reentrant=False)
+
     lesion = label[0, 0].bool().cpu().numpy()
     points, labels = first_clicks(lesion, rng, background_probability)
     previous, losses = None, []
-    for round_index in range(1 + int(rng.integers(0, max_rounds + 1))):
+    if rounds is None:
+        rounds = 1 + int(rng.integers(0, max_rounds + 1))
+    for round_index in range(rounds):
         if round_index and rng.random() >= NO_CLICK_PROBABILITY:
             aim = rng if rng.random() < DRAWN_CLICK_PROBABILITY else None
             correction = protocol_click(previous.cpu().numpy() > 0, lesion, rng=aim)
@@ -94,7 +106,7 @@ def train_step(
                 break
             points.append(correction[0])
             labels.append(correction[1])
-        logit, decoder_logit = model.correction_round(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels), previous)
+        logit, decoder_logit = correction_round(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels), previous)
         loss = foreground_loss(logit, label)
         losses.append(loss + DECODER_LOSS_WEIGHT * foreground_loss(decoder_logit, label) if round_index == 0 else loss)
         previous = logit.detach()
