@@ -43,6 +43,20 @@ def test_background_clicks_fall_outside_the_lesion_near_it_and_far_from_it():
     assert background_click(np.ones((8, 8, 8), bool), rng) is None
 
 
+def test_the_deepest_voxel_found_in_the_regions_box_is_the_whole_arrays_also_at_its_faces():
+    from scipy import ndimage
+
+    from lib.regions import deepest_voxel
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        # Random blobs, some cut by the array's faces (which are not background: a lesion goes on beyond a crop).
+        region = ndimage.gaussian_filter(rng.random((24, 20, 28)), 2) > 0.52
+        region = region & (ndimage.label(region)[0] == 1)
+        whole = np.unravel_index(ndimage.distance_transform_edt(region).argmax(), region.shape)
+        assert deepest_voxel(region).tolist() == list(whole)
+
+
 def test_training_crops_keep_the_crop_size_the_label_binary_and_slices_unmixed_for_thick_slice_presets():
     import torch
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from lib.model import Clicks, CropEncoding, Sam3D
+from lib.regions import deepest_voxel
 from lib.transforms.crops import Crop, box_slices, crop_start, extract_box, paste_max, zoomed_box
 
 from .cache import BoundedCache, CropRounds, crop_key
@@ -119,13 +120,6 @@ def plan_tiles(mask: torch.Tensor, size: int) -> List[Tuple[int, int, int]]:
         first = int(round((lo - margin - (count * size - need) / 2) / quantum)) * quantum
         per_axis.append([first + k * size for k in range(count)])
     return [tuple(int(s) for s in start) for start in itertools.product(*per_axis)]
-
-
-def deepest_voxel(mask: np.ndarray) -> np.ndarray:
-    """The voxel of ``mask`` (bool, some True) farthest from its background; the array's faces are not border (the
-    lesion may go on beyond the tile)."""
-    depth = ndimage.distance_transform_edt(mask)
-    return np.array(np.unravel_index(int(depth.argmax()), mask.shape))
 
 
 class Segmenter:

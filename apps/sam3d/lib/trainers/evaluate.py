@@ -16,9 +16,10 @@ from scipy import ndimage
 from lib.infers.cache import BoundedCache, tensor_bytes
 from lib.infers.segment import FollowBounds, Segmenter
 from lib.model import Clicks, CropEncoding, Sam3D
+from lib.regions import grown_box
 from lib.transforms.crops import plan_crops
 
-from .simulated_user import CONNECTIVITY, grown_box, protocol_click
+from .simulated_user import CONNECTIVITY, protocol_click
 
 NSD_TOLERANCE_MM = 5.0
 

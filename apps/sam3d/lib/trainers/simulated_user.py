@@ -11,26 +11,17 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from lib.regions import deepest_voxel, depth_in_box, grown_box
+
 # Voxels that share a face, an edge or a corner are connected (the challenge's 26-connectivity).
 CONNECTIVITY = np.ones((3, 3, 3), bool)
 
 
-def grown_box(*regions: np.ndarray, margin: int) -> Tuple[slice, ...]:
-    """The bounding box of the True voxels of ``regions`` (bool, one shape) grown by ``margin``, clipped to the array.
-
-    Distance transforms and metrics run inside it only (a training step simulates several clicks on a 128^3
-    crop, and the whole-crop transforms cost more than the GPU's step)."""
-    nonzero = np.nonzero(np.logical_or.reduce(regions))
-    return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in nonzero)
-
-
 def interior_click(region: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """A voxel of ``region`` (bool, 3D): its deepest voxel, or with ``rng`` one drawn in proportion to depth^2."""
-    box = grown_box(region, margin=1)  # one voxel of background around it: the same depths as in the whole array
-    start = np.array([s.start for s in box])
-    depth = ndimage.distance_transform_edt(region[box])
     if rng is None:
-        return start + np.array(np.unravel_index(depth.argmax(), depth.shape))
+        return deepest_voxel(region)
+    start, depth = depth_in_box(region)
     weights = depth.ravel() ** 2
     return start + np.array(np.unravel_index(rng.choice(weights.size, p=weights / weights.sum()), depth.shape))
 
