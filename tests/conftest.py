@@ -1,6 +1,7 @@
 import os
 import shutil
 import sys
+from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -115,22 +116,29 @@ def trained_tiny(tmp_path_factory, training_studies):
     return path, losses
 
 
-@pytest.fixture(scope="session")
-def trained_tiny_mixed(tmp_path_factory):
-    """The tiny configuration trained as users correct (400 steps) on 12 easy and 12 hard generated studies
-    (hard_studies' default seed; evaluations hold out other seeds): (checkpoint path, losses)."""
+def train_tiny(tmp_path_factory, name: str, studies) -> Tuple[str, List[float]]:
+    """The tiny configuration trained as users correct (400 steps, seed 0) on generated ``studies``, written to a
+    folder and loaded as the kits preset does: (checkpoint path, losses)."""
     from lib.model import build_sam3d, save_sam3d
-    from lib.phantoms import hard_studies, random_studies, write_studies
+    from lib.phantoms import write_studies
     from lib.trainers.fit import fit
     from lib.transforms.presets import PRESETS
 
-    folder = str(tmp_path_factory.mktemp("training_mixed"))
-    studies = random_studies(12) + hard_studies(12)
+    folder = str(tmp_path_factory.mktemp(f"training_{name}"))
     write_studies(folder, studies=studies)
     volumes = [load_kits(folder, s.name) for s in studies]
     torch.manual_seed(0)
     model = build_sam3d(backbone="tiny")
     losses, _ = fit(model, volumes, 400, PRESETS["kits"], lr=1e-3)
-    path = str(tmp_path_factory.mktemp("trained_mixed") / "tiny_mixed.pt")
+    path = str(tmp_path_factory.mktemp(f"trained_{name}") / f"tiny_{name}.pt")
     save_sam3d(model, path, "tiny", model.trained_names)
     return path, losses
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_mixed(tmp_path_factory):
+    """The tiny configuration trained on 12 easy and 12 hard generated studies (hard_studies' default seed;
+    evaluations hold out other seeds): (checkpoint path, losses)."""
+    from lib.phantoms import hard_studies, random_studies
+
+    return train_tiny(tmp_path_factory, "mixed", random_studies(12) + hard_studies(12))

@@ -11,7 +11,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from scipy import ndimage
 
-from conftest import APP, load_kits, start_server, stop_server
+from conftest import APP, load_kits, start_server, stop_server, train_tiny
 
 LESIONS = (0, 8)  # of large_studies(seed=5000)
 
@@ -20,21 +20,9 @@ LESIONS = (0, 8)  # of large_studies(seed=5000)
 def trained_tiny_large(tmp_path_factory):
     """The tiny configuration trained (400 steps) on 12 easy and 12 large generated studies (large_studies' default
     seed; the tests hold out another)."""
-    from lib.model import build_sam3d, save_sam3d
-    from lib.phantoms import large_studies, random_studies, write_studies
-    from lib.trainers.fit import fit
-    from lib.transforms.presets import PRESETS
+    from lib.phantoms import large_studies, random_studies
 
-    folder = str(tmp_path_factory.mktemp("training_large"))
-    studies = random_studies(12) + large_studies(12)
-    write_studies(folder, studies=studies)
-    volumes = [load_kits(folder, s.name) for s in studies]
-    torch.manual_seed(0)
-    model = build_sam3d(backbone="tiny")
-    fit(model, volumes, 400, PRESETS["kits"], lr=1e-3)
-    path = str(tmp_path_factory.mktemp("trained_large") / "tiny_large.pt")
-    save_sam3d(model, path, "tiny", model.trained_names)
-    return path
+    return train_tiny(tmp_path_factory, "large", random_studies(12) + large_studies(12))[0]
 
 
 @pytest.fixture(scope="module")
