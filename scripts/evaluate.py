@@ -10,6 +10,8 @@ deepest voxel, each next one at the deepest voxel of the largest error, foregrou
 leak. Each request is served as the server serves it: crops planned on the clicks so far, and a lesion whose mask
 reaches a crop's face followed beyond it (zoomed out, then refined) within --follow-max-extent and
 --follow-max-crops (the server's defaults; --follow-max-extent 1: one crop per click group, as before following).
+Clicks are placed and masks scored on the model's grid (the preset's spacing), or with --grid image on the image's
+stored grid, as the server returns masks and the challenge scores them (a thick-slice label is not resampled).
 Per lesion: Dice, NSD and recall (the fraction of the lesion inside the mask) after clicks 1..N, the area under the Dice curve (AUC: the mean of Dice@1..N) and
 the worst drop (the largest fall of Dice after one click); which kind each click was (click_n: foreground,
 background, or none when the mask was already right), and per group the mean change of Dice that a background
@@ -38,7 +40,7 @@ sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 from lib.infers.segment import FollowBounds  # noqa: E402
 from lib.model import CONFIGS, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
-from lib.trainers.data import load_labelled  # noqa: E402
+from lib.trainers.data import load_labelled, load_on_image_grid  # noqa: E402
 from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, dice_auc, lesion_scores, worst_drop  # noqa: E402
 from lib.transforms.presets import PAPER_PRESETS, PRESETS  # noqa: E402
 
@@ -149,6 +151,9 @@ def main() -> None:
                         help="as --conf follow_max_extent: crops per side a lesion is followed into (1: no following)")
     parser.add_argument("--follow-max-crops", type=int, default=FollowBounds().max_crops,
                         help="as --conf follow_max_crops: crops one request may spend on following")
+    parser.add_argument("--grid", choices=("model", "image"), default="model",
+                        help="where clicks are placed and masks scored: the model's grid (the preset's spacing) or the "
+                             "image's stored grid, as the server returns masks and the challenge scores them")
     parser.add_argument("--out", default="results", help="folder for results.csv, results.md, results.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -165,8 +170,13 @@ def main() -> None:
 
     rows = []
     for case, image_path, label_path in tqdm(cases, desc="cases"):
-        image, label = load_labelled(image_path, label_path, args.preset, label_value)
-        per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds)
+        if args.grid == "image":
+            volume, label, grid = load_on_image_grid(image_path, label_path, args.preset, label_value)
+            voxel = np.linalg.norm(grid.image_affine[:3, :3], axis=0)
+            per_lesion = lesion_scores(model, volume, label, clicks, voxel, args.tolerance, bounds, grid)
+        else:
+            image, label = load_labelled(image_path, label_path, args.preset, label_value)
+            per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds)
         rows += [lesion_row(case, i + 1, kinds.get(case, ""), scores, args.clicks) for i, scores in enumerate(per_lesion)]
     if not rows:
         raise SystemExit("no lesion in any label: check --label-value")
@@ -180,7 +190,7 @@ def main() -> None:
     weights = ", ".join(f"{k}: {v}" for k, v in model.weights_info.items())
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"{args.data}, preset {args.preset}, NSD tolerance {args.tolerance} mm, {args.clicks} clicks per lesion "
-                f"(challenge protocol), following: {bounds}\n\nweights: {weights}\n\n{table}\n")
+                f"(challenge protocol) on the {args.grid}'s grid, following: {bounds}\n\nweights: {weights}\n\n{table}\n")
     plot(rows, args.clicks, os.path.join(args.out, "results.png"))
     print(table)
     logger.info(f"wrote {args.out}/results.csv, results.md and results.png")

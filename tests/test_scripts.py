@@ -8,6 +8,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -184,9 +185,10 @@ def test_hard_lesions_are_what_their_kind_says():
     assert like_lesion(study, image)[shell(label)].mean() < 0.02
 
 
-def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path):
-    """A tiny run on one study of each kind: per-lesion AUC and worst drop from the per-click Dice, the table's
-    per-kind and overall means from the rows."""
+@pytest.mark.parametrize("grid", ["model", "image"])
+def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, grid):
+    """A tiny run on one study of each kind, scored on the model's grid or the images' own: per-lesion AUC and
+    worst drop from the per-click Dice, the table's per-kind and overall means from the rows."""
     import csv
 
     from lib.phantoms import hard_studies, write_studies
@@ -195,12 +197,13 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path):
     out = tmp_path / "results"
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), str(tmp_path / "hard"), "--backbone", "tiny",
-         "--preset", "kits", "--label-value", "1", "--clicks", "3", "--out", str(out)],
+         "--preset", "kits", "--label-value", "1", "--clicks", "3", "--grid", grid, "--out", str(out)],
         capture_output=True, text=True, timeout=900, check=True,
     )
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["kind"] for r in rows] == ["lobulated", "ring", "low_contrast", "touching"]
+    assert f"on the {grid}'s grid" in (out / "results.md").read_text()
     for row in rows:
         dice = [float(row[f"dice_{n}"]) for n in (1, 2, 3)]
         assert np.isclose(float(row["dice_auc"]), np.mean(dice))

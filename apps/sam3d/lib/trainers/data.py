@@ -2,8 +2,11 @@
 
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
+from monai.transforms import LoadImage
 
+from lib.transforms.grid import GridMap
 from lib.transforms.presets import PRESETS, preprocessing
 
 
@@ -16,5 +19,24 @@ def load_labelled(
     data = {"image": image_path, "label": label_path}
     for t in preprocessing(PRESETS[preset], label=True):
         data = t(data)
-    label = data["label"].as_tensor()
-    return data["image"].as_tensor().float(), (label.round() == label_value) if label_value else label > 0.5
+    return data["image"].as_tensor().float(), tumour(data["label"].as_tensor(), label_value)
+
+
+def tumour(label: torch.Tensor, label_value: Optional[int]) -> torch.Tensor:
+    """The voxels equal to ``label_value``, or all non-zero ones."""
+    return (label.round() == label_value) if label_value else label > 0.5
+
+
+def load_on_image_grid(
+    image_path: str, label_path: str, preset: str, label_value: Optional[int] = None
+) -> Tuple[torch.Tensor, np.ndarray, GridMap]:
+    """-> the (D, H, W) image on the model's grid (as inference sees it), the bool label on the image's stored
+    grid (as the annotator drew it, read by the same reader) and the map between the two grids."""
+    data = {"image": image_path}
+    for t in preprocessing(PRESETS[preset]):
+        data = t(data)
+    grid = GridMap.of(data["image"])
+    label = LoadImage(reader="ITKReader", image_only=True)(label_path)
+    if tuple(label.shape) != grid.image_shape or not np.allclose(np.asarray(label.affine), grid.image_affine, atol=1e-3):
+        raise ValueError(f"{label_path} is not on the grid of {image_path}")
+    return data["image"].as_tensor()[0].float(), tumour(label.as_tensor(), label_value).numpy(), grid

@@ -6,7 +6,7 @@ Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a toleran
 sub-voxel surfaces as in the DeepMind implementation the authors used.
 """
 
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from lib.infers.segment import FollowBounds, Segmenter
 from lib.model import Clicks, CropEncoding, Sam3D
 from lib.regions import grown_box
 from lib.transforms.crops import plan_crops
+from lib.transforms.grid import GridMap
+from lib.transforms.resample import ResampleToOriginalGridd
 
 from .simulated_user import CONNECTIVITY, protocol_click
 
@@ -86,13 +88,20 @@ def lesion_scores(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     tolerance: float = NSD_TOLERANCE_MM,
     bounds: FollowBounds = FollowBounds(),
+    grid: Optional[GridMap] = None,
 ) -> List[Dict[int, Score]]:
-    """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume with voxels of
-    ``spacing`` mm: {n: Score} after n protocol clicks for each n in ``clicks``.
+    """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume: {n: Score} after n
+    protocol clicks for each n in ``clicks``.
 
     Each request goes through the model as the server serves it (``Segmenter``: crops planned on all the clicks so
     far, a lesion that reaches a crop's face followed within ``bounds``). The next click goes on the largest error
-    anywhere, foreground on a miss, background on a leak; a mask without error gets no further click."""
+    anywhere, foreground on a miss, background on a leak; a mask without error gets no further click.
+
+    Without ``grid``, ``label`` and ``spacing`` (mm) are on the model's grid and so are clicks and scores. With
+    ``grid`` they are the stored image's, as in the challenge: each click is placed on the image's own errors and
+    mapped to the model's grid as a request's clicks are, and the mask is scored as the server returns it,
+    resampled to the image's grid (where a thick-slice label is not stair-stepped by resampling)."""
+    restore = ResampleToOriginalGridd()
     components, count = ndimage.label(label, structure=CONNECTIVITY)
     results = []
     for index in range(1, count + 1):
@@ -100,10 +109,16 @@ def lesion_scores(
         segmenter = Segmenter(model, "evaluation", BoundedCache(EVALUATION_CACHE_BYTES, CropEncoding.nbytes.fget),
                               BoundedCache(EVALUATION_CACHE_BYTES // 4, tensor_bytes), bounds)
         first, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
-        clicks_so_far, scores, kinds = Clicks(first[None], np.zeros((0, 3)), "model"), {}, ["foreground"]
+        clicks_so_far = Clicks(first[None], np.zeros((0, 3)), "image" if grid else "model")
+        scores, kinds = {}, ["foreground"]
         for n in range(1, max(clicks) + 1):
-            crops = plan_crops(clicks_so_far, volume.shape, model.crop_size)
-            prediction = segmenter.segment(volume, crops, clicks_so_far, "evaluation").prob.numpy() > 0.5
+            request = grid.clicks_to_model(clicks_so_far) if grid else clicks_so_far
+            crops = plan_crops(request, volume.shape, model.crop_size)
+            result = segmenter.segment(volume, crops, request, "evaluation")
+            if grid:
+                prediction = grid.mask_to_image(result.prob[None], result.boxes, restore.threshold, restore.resample) > 0
+            else:
+                prediction = result.prob.numpy() > restore.threshold
             box = grown_box(prediction, lesion, margin=int(np.ceil(tolerance / min(spacing))) + 1)
             if n in clicks:
                 recall = float((prediction & lesion).sum() / lesion.sum())
