@@ -172,8 +172,7 @@ def main() -> None:
     for case, image_path, label_path in tqdm(cases, desc="cases"):
         if args.grid == "image":
             volume, label, grid = load_on_image_grid(image_path, label_path, args.preset, label_value)
-            voxel = np.linalg.norm(grid.image_affine[:3, :3], axis=0)
-            per_lesion = lesion_scores(model, volume, label, clicks, voxel, args.tolerance, bounds, grid)
+            per_lesion = lesion_scores(model, volume, label, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid)
         else:
             image, label = load_labelled(image_path, label_path, args.preset, label_value)
             per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds)

@@ -85,10 +85,10 @@ def test_scored_on_the_images_own_grid_clicks_and_masks_land_where_the_model_gri
         image_path = str(tmp_path / f"{study.name}.nii.gz")
         label_path = str(tmp_path / "labels" / "final" / f"{study.name}.nii.gz")
         volume, label, grid = load_on_image_grid(image_path, label_path, "kits")
-        voxel = np.linalg.norm(grid.image_affine[:3, :3], axis=0)
+        voxel = grid.image_spacing
         axes = grid.image_affine[:3, :3] / voxel
         reoriented += not np.allclose(np.abs(axes), np.eye(3), atol=1e-3) or not np.allclose(voxel, voxel[0])
-        on_image += [s[2].dice for s in lesion_scores(model, volume, label, (2,), voxel, grid=grid)]
+        on_image += [s[2].dice for s in lesion_scores(model, volume, label, (2,), grid=grid)]
         volume, label = load_kits(str(tmp_path), study.name)
         on_model += [s[2].dice for s in lesion_scores(model, volume[0], label[0].numpy(), (2,))]
     assert reoriented >= 3  # the grids the mapping has to get right

@@ -97,10 +97,13 @@ def lesion_scores(
     far, a lesion that reaches a crop's face followed within ``bounds``). The next click goes on the largest error
     anywhere, foreground on a miss, background on a leak; a mask without error gets no further click.
 
-    Without ``grid``, ``label`` and ``spacing`` (mm) are on the model's grid and so are clicks and scores. With
-    ``grid`` they are the stored image's, as in the challenge: each click is placed on the image's own errors and
-    mapped to the model's grid as a request's clicks are, and the mask is scored as the server returns it,
-    resampled to the image's grid (where a thick-slice label is not stair-stepped by resampling)."""
+    Without ``grid``, ``label`` is on the model's grid with voxels of ``spacing`` mm, and so are clicks and scores.
+    With ``grid`` it is the stored image's (and so is the spacing, the grid's), as in the challenge: each click is
+    placed on the image's own errors and mapped to the model's grid as a request's clicks are, and the mask is
+    scored as the server returns it, resampled to the image's grid (where a thick-slice label is not stair-stepped
+    by resampling)."""
+    if grid:
+        spacing = grid.image_spacing
     restore = ResampleToOriginalGridd()
     components, count = ndimage.label(label, structure=CONNECTIVITY)
     results = []

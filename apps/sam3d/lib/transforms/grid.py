@@ -42,6 +42,11 @@ class GridMap:
             model_shape=tuple(int(n) for n in image.shape[1:]),
         )
 
+    @property
+    def image_spacing(self) -> np.ndarray:
+        """The stored image's voxel size in mm along its axes (i, j, k)."""
+        return np.linalg.norm(self.image_affine[:3, :3], axis=0)
+
     def clicks_to_model(self, clicks: Clicks) -> Clicks:
         """``"image"`` clicks -> the nearest voxels of the model's grid (``"model"`` frame): a click follows the
         same affine change as the image, so image and clicks cannot drift apart."""
