@@ -7,7 +7,7 @@ import torch
 from monai.transforms import LoadImage
 
 from lib.transforms.grid import GridMap
-from lib.transforms.presets import PRESETS, preprocessing
+from lib.transforms.presets import PRESETS, READER, preprocessing
 
 
 def load_labelled(
@@ -36,7 +36,7 @@ def load_on_image_grid(
     for t in preprocessing(PRESETS[preset]):
         data = t(data)
     grid = GridMap.of(data["image"])
-    label = LoadImage(reader="ITKReader", image_only=True)(label_path)
+    label = LoadImage(reader=READER, image_only=True)(label_path)
     if tuple(label.shape) != grid.image_shape or not np.allclose(np.asarray(label.affine), grid.image_affine, atol=1e-3):
         raise ValueError(f"{label_path} is not on the grid of {image_path}")
     return data["image"].as_tensor()[0].float(), tumour(label.as_tensor(), label_value).numpy(), grid

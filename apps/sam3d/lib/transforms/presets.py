@@ -91,13 +91,17 @@ def intensity_transforms(preset: Preset, keys: str = "image") -> list:
     ]
 
 
+# The reader of every image and label (the stored grid's affine and axis order come from it).
+READER = "ITKReader"
+
+
 def preprocessing(preset: Preset, label: bool = False, max_megavoxels: float = DEFAULT_MAX_MEGAVOXELS) -> list:
     """The one pre-processing of inference and training: load ``image`` (and, with ``label``, the ``label`` on
     its grid, resampled as "nearest"), check it is one 3D volume, zero non-finite voxels, reorient, resample,
     window and normalise. Transforms in turn, not a Compose: Compose would wrap the InvalidRequest they raise."""
     keys, modes = (("image", "label"), ("bilinear", "nearest")) if label else (("image",), ("bilinear",))
     return [
-        LoadImageOrRejectd(keys=keys, reader="ITKReader"),
+        LoadImageOrRejectd(keys=keys, reader=READER),
         EnsureChannelFirstd(keys=keys),
         RequireSingleChannel3Dd(keys="image"),
         ReplaceNonFinited(keys="image"),
