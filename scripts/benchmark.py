@@ -34,6 +34,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
+from lib.infers.cache import BoundedCache, CropRounds, tensor_bytes  # noqa: E402
 from lib.model import Clicks, CropEncoding, build_sam3d  # noqa: E402
 
 
@@ -138,6 +139,21 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
 
     rows["correction round with the previous mask (s)"], _ = timed(lambda: background_click(True), repeats, "round")
     rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), repeats, "rule")
+    # In a session the rule's foreground answer was computed by the request before (the memo keeps it): a
+    # background click then decodes the background side only.
+    with torch.no_grad():
+        foreground_answer = model.object_logits(encoding, clicks, None, None)
+
+    @torch.no_grad()
+    def background_click_after_foreground() -> torch.Tensor:
+        model.correction_trained = False
+        memo = CropRounds(BoundedCache(2**40, tensor_bytes), "benchmark")
+        memo.put(clicks, torch.ones(len(clicks), dtype=torch.long, device=device), foreground_answer)
+        return model.click_logits(encoding, both, labels, memo=memo)
+
+    rows["background click by the rule, foreground answer kept (s)"], _ = timed(
+        background_click_after_foreground, repeats, "rule, kept"
+    )
     # The refiner alone (part of every round above): over the whole crop in a first round, in the bounding box of
     # the masks and clicks in a correction round (here a 40-voxel lesion's).
     points, labels = both[None], labels[None]

@@ -222,6 +222,29 @@ def test_corrections_replay_in_an_order_the_request_decides_and_reuse_earlier_ro
     assert memo.computed == 4  # round (fg0) was reused; (fg0, fg2) and (fg0, fg2, bg1) were new
 
 
+def test_the_rule_reuses_the_foreground_answer_when_a_background_click_is_added(tiny):
+    """An authors' checkpoint answers a background click from two one-object answers; in a session the foreground
+    one was computed by the request before, so the background click costs one decoder pass, and the answer is the
+    one computed afresh."""
+    perturb(tiny, 0.2)
+    tiny.correction_trained = False
+    encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
+    decoder_passes = []
+    hook = tiny.mask_decoder.register_forward_hook(lambda *_: decoder_passes.append(1))
+    try:
+        memo = CountingMemo()
+        first = crop_clicks([[8, 16, 16]])
+        assert torch.equal(tiny.correction_logits(encoding, first, memo), tiny.correction_logits(encoding, first))
+        decoder_passes.clear()
+        with_background = crop_clicks([[8, 16, 16], [24, 16, 16]], [1, 0])
+        answer = tiny.correction_logits(encoding, with_background, memo)
+        assert len(decoder_passes) == 1
+        assert torch.equal(answer, tiny.correction_logits(encoding, with_background))  # what no memo gives
+        assert len(decoder_passes) == 3
+    finally:
+        hook.remove()
+
+
 def test_cached_refinement_equals_full_recompute(tiny):
     perturb(tiny)
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)

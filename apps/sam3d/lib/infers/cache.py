@@ -71,8 +71,9 @@ class BoundedCache(Generic[Value]):
 
 
 class CropRounds:
-    """The correction rounds of one crop encoding already computed, by their clicks (``Sam3D.correction_logits``'s
-    memo), kept in a cache shared by all crops. A pure memo: a request's answer never depends on what is in it."""
+    """The answers of one crop encoding already computed, by their clicks (``Sam3D.correction_logits``'s memo:
+    correction rounds, or the rule's one-object answers), kept in a cache shared by all crops. A pure memo: a
+    request's answer never depends on what is in it."""
 
     def __init__(self, cache: BoundedCache, crop: str) -> None:
         self.cache = cache

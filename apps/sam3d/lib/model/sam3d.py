@@ -58,7 +58,8 @@ def nearer_to_background(points: torch.Tensor, labels: torch.Tensor, size: int) 
 
 
 class PrefixMemo(Protocol):
-    """Rounds of :meth:`Sam3D.correction_logits` already computed for one crop encoding, by their clicks."""
+    """Answers already computed for one crop encoding, by their clicks: rounds of :meth:`Sam3D.correction_logits`,
+    or the rule's one-object answers (:meth:`Sam3D.object_logits`)."""
 
     def get(self, points: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]: ...
 
@@ -142,20 +143,40 @@ class Sam3D(nn.Module):
         points: torch.Tensor,
         labels: torch.Tensor,
         previous: Optional[torch.Tensor] = None,
+        memo: Optional["PrefixMemo"] = None,
     ) -> torch.Tensor:
         """points: (N, 3) (d, h, w) crop indices, at least one of them foreground; labels: (N,) 1 = foreground,
         0 = background; previous: (S, S, S) the previous foreground log-odds of this crop, or None -> (S, S, S)
-        float32 foreground log-odds. Differentiable (training uses it)."""
+        float32 foreground log-odds. Differentiable (training uses it).
+
+        A model never trained on corrections answers through the rule (:func:`exclude_background`), from two
+        answers that each take a set of clicks as one object's: the foreground clicks' and the background clicks'.
+        ``memo`` (used without ``previous``) keeps such answers for this encoding, so that a background click after
+        foreground ones decodes only the background side."""
         if self.correction_trained:
             return self.correction_round(encoding, points, labels, previous)[0]
         points, labels, previous = self.round_inputs(encoding, points, labels, previous)
-        foreground = points[labels == 1]
-        logits = self.decode(encoding, foreground[None], previous=previous)[0]
-        logit = logits[1] - logits[0]
+        logit = self.object_logits(encoding, points[labels == 1], previous, memo)
         if (labels == 0).any():
-            logits_bg = self.decode(encoding, points[labels == 0][None])[0]
-            logit = exclude_background(logit, logits_bg[1] - logits_bg[0], nearer_to_background(points, labels, self.crop_size))
+            logit_bg = self.object_logits(encoding, points[labels == 0], None, memo)
+            logit = exclude_background(logit, logit_bg, nearer_to_background(points, labels, self.crop_size))
         return logit
+
+    def object_logits(
+        self, encoding: CropEncoding, points: torch.Tensor, previous: Optional[torch.Tensor], memo: Optional["PrefixMemo"]
+    ) -> torch.Tensor:
+        """(S, S, S) foreground log-odds of the object that ``points`` (M, 3) all click on (the authors' decoding:
+        every click a foreground prompt); previous: (1, 1, S, S, S) or None. It is the answer to a request of these
+        foreground clicks alone, which is how ``memo`` keeps it (not with ``previous``, which it depends on)."""
+        kept = memo is not None and previous is None
+        ones = torch.ones(len(points), dtype=torch.long, device=points.device)
+        answer = memo.get(points, ones) if kept else None
+        if answer is None:
+            logits = self.decode(encoding, points[None], previous=previous)[0]
+            answer = logits[1] - logits[0]
+            if kept:
+                memo.put(points, ones, answer)
+        return answer
 
     @staticmethod
     def round_inputs(encoding: CropEncoding, points, labels, previous: Optional[torch.Tensor]):
@@ -187,10 +208,10 @@ class Sam3D(nn.Module):
         prediction, in the order that only the request decides (``Clicks.points_and_labels``). The same request
         thus always gets the same answer, whoever clicked before and whether or not the server restarted.
         ``memo`` keeps rounds already computed (a refinement that adds a click replays one round); other models
-        decode all clicks at once."""
+        decode all clicks at once, through the rule (:meth:`click_logits`), reusing answers ``memo`` kept."""
         points, labels = clicks.points_and_labels(encoding.deep.device)
         if not self.correction_trained:
-            return self.click_logits(encoding, points, labels)
+            return self.click_logits(encoding, points, labels, memo=memo)
         previous, start = None, 0
         if memo is not None:
             for rounds in range(len(points), 0, -1):
