@@ -384,6 +384,70 @@ def test_our_checkpoint_round_trips_and_names_its_backbone(tiny, tmp_path):
         build_sam3d(checkpoint=str(path), backbone="vit_b")
 
 
+def test_a_checkpoint_from_before_the_refiners_likeness_input_loads_and_answers_as_it_did(tiny, tmp_path):
+    """sam3d checkpoints written before the refiner read the foreground clicks' likeness map hold a first
+    convolution with one input fewer; they load with a zero weight for it, so their masks do not change."""
+    perturb(tiny, 0.2, sam3d_prompts=True)
+    tiny.correction_trained = True
+    with torch.no_grad():
+        tiny.refiner.net[0].weight[:, -1] = 0  # what the older model computed: no likeness input
+    path = tmp_path / "older.pt"
+    save_sam3d(tiny, str(path), "tiny", trainable_names(tiny))
+    older = torch.load(path, weights_only=False)
+    older["state_dict"]["refiner.net.0.weight"] = older["state_dict"]["refiner.net.0.weight"][:, :-1].clone()
+    torch.save(older, path)
+
+    loaded = build_sam3d(checkpoint=str(path)).eval()
+    encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
+    clicks = crop_clicks([[8, 16, 16], [24, 16, 16], [12, 10, 20]], [1, 0, 1])
+    assert loaded.correction_trained
+    assert torch.equal(loaded.foreground_probability(encoding, clicks), tiny.foreground_probability(encoding, clicks))
+
+
+def test_the_likeness_map_marks_voxels_that_look_like_a_foreground_click_near_it():
+    """A correction click on a missed part says what the lesion looks like there; the map is near 1 where a voxel
+    looks alike and lies near the click, near 0 where it looks different or lies far, and background clicks add
+    nothing (a leak often looks like the lesion it touches)."""
+    from lib.model.refiner import click_values, likeness_map
+
+    image = torch.zeros(1, 1, 24, 24, 24)
+    image[..., 8:16, 8:16, 8:16] = 2.0  # a lesion of its own intensity in a host of 0
+    foreground = torch.tensor([[[10, 10, 10]]])
+    values = click_values(image, foreground)
+    assert torch.allclose(values, torch.tensor([[2.0]]))
+    near = likeness_map(image, values, foreground, torch.tensor([[1]]), sigma=12.0)[0, 0]
+    assert near[14, 14, 14] > 0.8 and near[10, 10, 10] > 0.99  # alike, inside the lesion (0.85: 7 voxels away)
+    assert near[10, 10, 4] < 1e-3 and near[20, 20, 20] < 1e-3  # the host: not alike
+    far = likeness_map(image, values, torch.tensor([[[0, 0, 0]]]), torch.tensor([[1]]), sigma=2.0)[0, 0]
+    assert far[12, 12, 12] < 1e-3  # alike, but out of the click's reach
+    assert likeness_map(image, values, foreground, torch.tensor([[0]]), sigma=12.0).abs().max() == 0
+
+
+def test_only_correction_clicks_bring_their_likeness_to_the_refiner(tiny):
+    """The first click, at a lesion's centre, may show a ring's necrotic core rather than what the rest of it looks
+    like: a first round gives the same answer whatever the likeness input's weight; a foreground click after it
+    changes the answer through that weight."""
+    refiner = tiny.refiner
+    with torch.no_grad():
+        for p in refiner.parameters():
+            p.normal_(0, 0.3)
+    image = torch.randn(1, 1, 32, 32, 32)
+    logits = torch.randn(1, 2, 32, 32, 32)
+    one = (torch.tensor([[[16, 16, 16]]]), torch.tensor([[1]]))
+    two = (torch.tensor([[[16, 16, 16], [16, 16, 22]]]), torch.tensor([[1, 1]]))
+
+    def answers():
+        with torch.no_grad():
+            return refiner(image, logits, *one), refiner(image, logits, *two, previous=logits[:, 1:])
+
+    first, correction = answers()
+    with torch.no_grad():
+        refiner.net[0].weight[:, -1] = 0
+    first_without, correction_without = answers()
+    assert torch.equal(first, first_without)
+    assert not torch.allclose(correction, correction_without)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
 def test_a_file_that_is_not_a_checkpoint_gets_a_clear_error(tmp_path, content):
     path = tmp_path / "broken.pth"

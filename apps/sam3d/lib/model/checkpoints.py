@@ -266,12 +266,29 @@ def load_sam3d(model: nn.Module, obj: dict, source: str) -> LoadReport:
     download failed), so a backbone other than the training one is logged and reported, not silently used."""
     if obj.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{source}: {FORMAT_NAME} checkpoint version {obj.get('version')} is not supported")
-    report = apply_state(model, dict(obj["state_dict"]), LoadReport(source))
+    report = apply_state(model, with_refiner_inputs(model, dict(obj["state_dict"]), source), LoadReport(source))
     expected = obj.get("meta", {}).get("backbone_sha256")
     if expected and backbone_checksum(model, obj["state_dict"]) != expected:
         report.warnings.append("the frozen backbone differs from the one these tensors were trained over")
         logger.warning(f"{source}: {report.warnings[-1]} (check --conf sam_checkpoint)")
     return report
+
+
+# The refiner's first convolution, whose inputs grew at the end (refiner.py's REFINER_INPUTS).
+REFINER_FIRST_CONV = "refiner.net.0.weight"
+
+
+def with_refiner_inputs(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint written when the refiner had fewer inputs: the new ones get zero weights, so that it answers
+    exactly as it did."""
+    weight, target = state.get(REFINER_FIRST_CONV), model.state_dict().get(REFINER_FIRST_CONV)
+    if weight is None or target is None or weight.ndim != target.ndim or weight.shape[1] >= target.shape[1]:
+        return state
+    if weight.shape[0] != target.shape[0] or weight.shape[2:] != target.shape[2:]:
+        return state  # another architecture: apply_state says so
+    missing = target.shape[1] - weight.shape[1]
+    logger.info(f"{source}: written before the refiner's last {missing} input(s); they start at zero weights")
+    return {**state, REFINER_FIRST_CONV: torch.cat([weight, weight.new_zeros(weight.shape[0], missing, *weight.shape[2:])], 1)}
 
 
 def save_sam3d(model: nn.Module, path: str, backbone: str, trainable: Iterable[str], meta: Optional[dict] = None):

@@ -4,20 +4,26 @@ The authors' decoder answers at half the crop's resolution (upsampled by two at 
 through 8-voxel-or-coarser tokens, so a correction click on a mask's boundary (where most errors of a first
 click lie: a shell one to two voxels deep) has nothing it can move. As nnInteractive feeds its prompts as
 full-resolution input channels, the refiner sees, voxel by voxel: the crop's intensities, the decoder's answer,
-the previous prediction, and maps of the foreground and background clicks; a few convolutions turn them into a
-correction of the decoder's logits. Its last convolution starts at zero: an authors' checkpoint answers exactly
+the previous prediction, maps of the foreground and background clicks, and how alike each voxel looks to the
+foreground clicks; a few convolutions turn them into a correction of the decoder's logits. Its last convolution starts at zero: an authors' checkpoint answers exactly
 as theirs until training has taught it. Axis convention: volumes ``(B, C, D, H, W)``, clicks ``(d, h, w)``.
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 # Inputs, in order: intensities, decoder's foreground probability, previous foreground probability (both mapped
-# to [-1, 1]; 0 where there is none), foreground click map, background click map.
-REFINER_INPUTS = 5
+# to [-1, 1]; 0 where there is none), foreground click map, background click map, and the likeness map of the
+# foreground clicks after the first.
+# A checkpoint written before the likeness map loads with zero weights for it (checkpoints.py), unchanged.
+REFINER_INPUTS = 6
+# How alike in intensity a voxel must be to a foreground click to count as its kind: a Gaussian of this width in
+# normalised intensity (about 28 HU under the CT presets), within LIKENESS_REACH click-map widths of the click.
+LIKENESS_WIDTH = 0.5
+LIKENESS_REACH = 3
 # A voxel belongs to a mask above a probability of 0.1 (these log-odds), to a click's neighbourhood where the
 # click's map exceeds 0.2.
 PRESENT_LOGIT = math.log(0.1 / 0.9)
@@ -27,28 +33,67 @@ NEIGHBOURHOOD = 0.2
 MARGIN = 6
 
 
-def click_maps(points: torch.Tensor, labels: torch.Tensor, shape: Sequence[int], sigma: float) -> torch.Tensor:
-    """points: (B, N, 3) (d, h, w) voxel indices of a (D, H, W) ``shape`` grid; labels: (B, N) 1 = foreground,
-    0 = background -> (B, 2, D, H, W): per click type, the largest Gaussian (``sigma`` voxels) of its clicks.
-
-    A Gaussian is separable: each click costs three 1-D profiles and their outer product, kept as a running
-    maximum so that memory does not grow with the clicks."""
-    maps = torch.zeros(points.shape[0], 2, *shape, device=points.device)
+def gaussian_bumps(points: torch.Tensor, shape: Sequence[int], sigma: float) -> Iterator[torch.Tensor]:
+    """points: (B, N, 3) (d, h, w) voxel indices of a (D, H, W) ``shape`` grid -> per click, (B, D, H, W): a
+    Gaussian of ``sigma`` voxels about it. Separable: each costs three 1-D profiles and their outer product."""
     profiles = [
         torch.exp(-((torch.arange(n, device=points.device) - points[..., axis, None].float()) ** 2) / (2 * sigma**2))
         for axis, n in enumerate(shape)
     ]  # per axis (B, N, n)
     for click in range(points.shape[1]):
         d, h, w = (p[:, click] for p in profiles)
-        bump = d[:, :, None, None] * h[:, None, :, None] * w[:, None, None, :]  # (B, D, H, W)
+        yield d[:, :, None, None] * h[:, None, :, None] * w[:, None, None, :]
+
+
+def click_maps(points: torch.Tensor, labels: torch.Tensor, shape: Sequence[int], sigma: float) -> torch.Tensor:
+    """points: (B, N, 3) (d, h, w) voxel indices of a (D, H, W) ``shape`` grid; labels: (B, N) 1 = foreground,
+    0 = background -> (B, 2, D, H, W): per click type, the largest Gaussian (``sigma`` voxels) of its clicks.
+
+    Kept as a running maximum, so that memory does not grow with the clicks."""
+    maps = torch.zeros(points.shape[0], 2, *shape, device=points.device)
+    for click, bump in enumerate(gaussian_bumps(points, shape, sigma)):
         for channel, kind in enumerate((1, 0)):
             chosen = (labels[:, click] == kind)[:, None, None, None]
             maps[:, channel] = torch.where(chosen, torch.maximum(maps[:, channel], bump), maps[:, channel])
     return maps
 
 
+def likeness_map(
+    image: torch.Tensor, values: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """image: (B, 1, D, H, W) intensities; values: (B, N) each click's intensity (:func:`click_values`); points:
+    (B, N, 3) (d, h, w) indices of that grid; labels: (B, N) -> (B, 1, D, H, W): the largest over the foreground
+    clicks of how alike a voxel's intensity is to the click's (a Gaussian of LIKENESS_WIDTH), within a Gaussian of
+    ``sigma`` voxels about the click.
+
+    A foreground correction click on a missed part says what the lesion looks like there (a ring's enhancing rim, a
+    low-contrast lesion's few HU above its host); this map lets the refiner extend the mask to the voxels that look
+    alike along its whole border, where a click map reaches only the click's neighbourhood. Background clicks get
+    none: a leak often looks like the lesion it touches."""
+    likeness = torch.zeros(image.shape[0], 1, *image.shape[2:], device=image.device)
+    for click, near in enumerate(gaussian_bumps(points, image.shape[2:], sigma)):
+        alike = torch.exp(-((image[:, 0].float() - values[:, click, None, None, None]) ** 2) / (2 * LIKENESS_WIDTH**2))
+        chosen = (labels[:, click] == 1)[:, None, None, None]
+        likeness[:, 0] = torch.where(chosen, torch.maximum(likeness[:, 0], near * alike), likeness[:, 0])
+    return likeness
+
+
+def click_values(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """image: (B, 1, D, H, W); points: (B, N, 3) -> (B, N): the mean intensity of the 3x3x3 voxels about each
+    click (less noisy than its one voxel; those inside the grid), at the nearest voxel for a click outside it."""
+    upper = torch.tensor(image.shape[2:], device=points.device) - 1
+    centre = torch.minimum(points.long().clamp(min=0), upper)
+    offsets = torch.cartesian_prod(*[torch.arange(-1, 2, device=points.device)] * 3)  # (27, 3)
+    near = centre[:, :, None] + offsets  # (B, N, 27, 3)
+    inside = ((near >= 0) & (near <= upper)).all(-1)
+    near = torch.minimum(near.clamp(min=0), upper)
+    batch = torch.arange(points.shape[0], device=points.device)[:, None, None].expand_as(inside)
+    values = image[:, 0].float()[batch, near[..., 0], near[..., 1], near[..., 2]]
+    return (values * inside).sum(-1) / inside.sum(-1)
+
+
 class Refiner(nn.Module):
-    """(B, 5, D, H, W) inputs -> (B, 2, D, H, W) corrections added to the decoder's class logits."""
+    """(B, 6, D, H, W) inputs -> (B, 2, D, H, W) corrections added to the decoder's class logits."""
 
     def __init__(self, chans: int = 8, sigma: float = 4.0) -> None:
         super().__init__()
@@ -84,7 +129,13 @@ class Refiner(nn.Module):
         answer = answer[part].sigmoid() * 2 - 1
         before = torch.zeros_like(answer) if previous is None else previous[part].float().sigmoid() * 2 - 1
         maps = click_maps(points - start, labels, shape, self.sigma).to(answer)
-        inputs = torch.cat([image[part].to(answer), answer, before, maps], dim=1)
+        # Corrections only (every click after the first): the first click, at a lesion's centre, may show its
+        # necrotic core, not what the rest of it looks like.
+        corrections = points[:, 1:]
+        values = click_values(image, corrections)
+        likeness = likeness_map(image[part], values, corrections - start, labels[:, 1:], LIKENESS_REACH * self.sigma)
+        likeness = likeness.to(answer)
+        inputs = torch.cat([image[part].to(answer), answer, before, maps, likeness], dim=1)
         refined = logits.clone()
         refined[part] = logits[part] + self.net(inputs).to(logits.dtype)
         return refined
