@@ -130,14 +130,38 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
     # A correction-trained model's refinement: one decoder round that also reads the previous mask; the
     # authors' checkpoints take a background click through the rule instead (two decoder passes).
     both, labels = torch.cat([clicks, refine]), torch.tensor([1, 0], device=device)
-    previous = torch.randn((size,) * 3, device=device)
+    # A random decoder's answer covers the crop, so the refiner's box is the whole crop here (the worst case; the
+    # refiner's row in a 40-voxel lesion's box below is what a trained model's round adds to a decoder pass).
+    noise = torch.randn((size,) * 3, device=device)
+    lesion = torch.full((size,) * 3, -5.0, device=device)
+    lesion[tuple(slice(int(c) - 20, int(c) + 20) for c in clicks[0])] = 5.0
+    # A correction-trained model's refiner has learned something (an untrained one adds zeros and is skipped).
+    last = model.refiner.net[-1]
+    untrained = [p.detach().clone() for p in last.parameters()]
+    with torch.no_grad():
+        for p in last.parameters():
+            p.normal_(0, 0.01)
 
     @torch.no_grad()
-    def background_click(correction_trained: bool) -> torch.Tensor:
+    def background_click(correction_trained: bool, previous: torch.Tensor = None) -> torch.Tensor:
         model.correction_trained = correction_trained
-        return model.click_logits(encoding, both, labels, previous if correction_trained else None)
+        return model.click_logits(encoding, both, labels, previous)
 
-    rows["correction round with the previous mask (s)"], _ = timed(lambda: background_click(True), repeats, "round")
+    rows["correction round with the previous mask (s)"], _ = timed(
+        lambda: background_click(True, noise), repeats, "round"
+    )
+    # The refiner alone (part of every round of a correction-trained model): over the whole crop in a first round,
+    # in the bounding box of the masks and clicks in a correction round (here a 40-voxel lesion's); the second click
+    # a foreground one, whose intensity likeness it also computes.
+    points, click_labels = both[None], torch.ones_like(labels)[None]
+    answer = torch.stack([torch.zeros_like(lesion), lesion])[None]
+    for name, mask in (("first round, whole crop", None), ("correction round, 40-voxel lesion", lesion[None, None])):
+        rows[f"refiner, {name} (s)"], _ = timed(
+            torch.no_grad()(lambda: model.refiner(encoding.image, answer, points, click_labels, mask)), repeats, "refiner"
+        )
+    with torch.no_grad():
+        for p, value in zip(last.parameters(), untrained):
+            p.copy_(value)
     rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), repeats, "rule")
     # In a session the rule's foreground answer was computed by the request before (the memo keeps it): a
     # background click then decodes the background side only.
@@ -154,17 +178,6 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
     rows["background click by the rule, foreground answer kept (s)"], _ = timed(
         background_click_after_foreground, repeats, "rule, kept"
     )
-    # The refiner alone (part of every round above): over the whole crop in a first round, in the bounding box of
-    # the masks and clicks in a correction round (here a 40-voxel lesion's).
-    points, labels = both[None], labels[None]
-    lesion = torch.zeros(1, 2, size, size, size, device=device)
-    lesion[:, 0] = 5.0
-    lesion[:, 1, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20, size // 2 - 20 : size // 2 + 20] = 10.0
-    previous = lesion[:, 1:] - lesion[:, :1]
-    for name, mask in (("first round, whole crop", None), ("correction round, 40-voxel lesion", previous)):
-        rows[f"refiner, {name} (s)"], _ = timed(
-            torch.no_grad()(lambda: model.refiner(encoding.image, lesion, points, labels, mask)), repeats, "refiner"
-        )
     return rows
 
 

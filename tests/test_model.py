@@ -187,6 +187,28 @@ def test_sam3d_prompts_start_at_zero_so_an_authors_model_answers_as_theirs():
     assert torch.equal(plain, with_previous)
 
 
+def test_an_untrained_refiner_is_skipped_when_serving_and_still_learns_in_training():
+    """An authors' checkpoint's refiner adds zeros: serving skips it (half a second a click on the paper
+    configuration's CPU) and answers the same; with gradients on, it runs, so that fine-tuning teaches it."""
+    torch.manual_seed(0)
+    model = create_model(TINY).eval()
+    runs = []
+    model.refiner.net.register_forward_hook(lambda *_: runs.append(1))
+    encoding = model.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
+    points, labels = torch.tensor([[5, 9, 30], [20, 20, 3]]), torch.tensor([1, 1])
+    with torch.no_grad():
+        served = model.click_logits(encoding, points, labels)
+    assert runs == []
+    trained = model.click_logits(encoding, points, labels)
+    assert runs == [1] and torch.equal(served, trained.detach())
+    trained.sigmoid().mean().backward()
+    assert model.refiner.net[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.refiner.net[-1].bias.fill_(0.1)  # a trained refiner runs when serving
+        model.click_logits(encoding, points, labels)
+    assert runs == [1, 1]
+
+
 class CountingMemo(dict):
     def __init__(self):
         super().__init__()
