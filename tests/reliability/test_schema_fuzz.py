@@ -44,8 +44,8 @@ def with_json_form_fields(case):
     return case
 
 
-@pytest.fixture(scope="module")
-def fuzzed_server(tmp_path_factory, demo_studies):
+def demo_server(tmp_path_factory, demo_studies):
+    """A server over its own copy of the demo studies, without labels: (url, studies folder)."""
     studies = str(tmp_path_factory.mktemp("fuzzed_studies"))
     shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
     shutil.rmtree(os.path.join(studies, "labels"))
@@ -54,6 +54,12 @@ def fuzzed_server(tmp_path_factory, demo_studies):
     proc, url = start_server(app, studies, conf, str(tmp_path_factory.mktemp("logs") / "server.log"))
     yield url, studies
     stop_server(proc)
+
+
+# The fuzzing may delete stored images through the API (it once sent DELETE /datastore/?id=demo_ct_01, and the
+# upload test then found no image to label), so each test has a datastore of its own.
+fuzzed_server = pytest.fixture(scope="module", name="fuzzed_server")(demo_server)
+upload_server = pytest.fixture(scope="module", name="upload_server")(demo_server)
 
 
 def test_datastore_and_train_endpoints_never_answer_5xx(fuzzed_server):
@@ -118,9 +124,9 @@ def stored_labels(studies):
 )
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_a_label_upload_either_stores_a_whole_label_on_the_image_grid_or_changes_nothing(
-    fuzzed_server, tmp_path_factory, image, tag, kind, params
+    upload_server, tmp_path_factory, image, tag, kind, params
 ):
-    url, studies = fuzzed_server
+    url, studies = upload_server
     stored = nib.load(os.path.join(studies, f"{image if image in STORED else STORED[0]}.nii.gz"))
     body = label_bytes(kind, stored.shape, stored.affine, str(tmp_path_factory.mktemp("label")))
     before = stored_labels(studies)
