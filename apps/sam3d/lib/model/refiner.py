@@ -5,8 +5,9 @@ through 8-voxel-or-coarser tokens, so a correction click on a mask's boundary (w
 click lie: a shell one to two voxels deep) has nothing it can move. As nnInteractive feeds its prompts as
 full-resolution input channels, the refiner sees, voxel by voxel: the crop's intensities, the decoder's answer,
 the previous prediction, maps of the foreground and background clicks, and how alike each voxel looks to the
-foreground clicks; a few convolutions turn them into a correction of the decoder's logits. Its last convolution starts at zero: an authors' checkpoint answers exactly
-as theirs until training has taught it. Axis convention: volumes ``(B, C, D, H, W)``, clicks ``(d, h, w)``.
+foreground clicks after the first; a few convolutions turn them into a correction of the decoder's logits. Its
+last convolution starts at zero: an authors' checkpoint answers exactly as theirs until training has taught it
+(and serving skips it until then). Axis convention: volumes ``(B, C, D, H, W)``, clicks ``(d, h, w)``.
 """
 
 import math
