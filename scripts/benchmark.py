@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -143,7 +143,7 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
             p.normal_(0, 0.01)
 
     @torch.no_grad()
-    def background_click(correction_trained: bool, previous: torch.Tensor = None) -> torch.Tensor:
+    def background_click(correction_trained: bool, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         model.correction_trained = correction_trained
         return model.click_logits(encoding, both, labels, previous)
 

@@ -129,6 +129,7 @@ class Refiner(nn.Module):
         # Everything at the crop's resolution is computed inside the box only.
         start = torch.tensor([b.start for b in box], device=points.device)
         shape = [b.stop - b.start for b in box]
+        intensities = image[part]
         answer = answer[part].sigmoid() * 2 - 1
         before = torch.zeros_like(answer) if previous is None else previous[part].float().sigmoid() * 2 - 1
         maps = click_maps(points - start, labels, shape, self.sigma).to(answer)
@@ -136,9 +137,8 @@ class Refiner(nn.Module):
         # necrotic core, not what the rest of it looks like.
         corrections = points[:, 1:]
         values = click_values(image, corrections)
-        likeness = likeness_map(image[part], values, corrections - start, labels[:, 1:], LIKENESS_REACH * self.sigma)
-        likeness = likeness.to(answer)
-        inputs = torch.cat([image[part].to(answer), answer, before, maps, likeness], dim=1)
+        likeness = likeness_map(intensities, values, corrections - start, labels[:, 1:], LIKENESS_REACH * self.sigma)
+        inputs = torch.cat([intensities.to(answer), answer, before, maps, likeness.to(answer)], dim=1)
         refined = logits.clone()
         refined[part] = logits[part] + self.net(inputs).to(logits.dtype)
         return refined
