@@ -17,7 +17,6 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.scoring.dice import Dice
 
 from lib.activelearning.recency import Random
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
@@ -25,6 +24,7 @@ from lib.activelearning.uncertain import Uncertain
 from lib.configs.sam3d import Sam3DTaskConfig
 from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import DICOMwebStudies, bounded_client
+from lib.scoring import TumourDice
 from lib.endpoints import check_infer_request, install_endpoints, is_request_file
 from lib.settings import Settings
 from lib.errors import InvalidRequest
@@ -122,8 +122,7 @@ class Sam3DApp(MONAILabelApp):
         return {"uncertain": Uncertain(), "random": Random(), "first": First()}
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
-        # How much the radiologist corrected: Dice of the model's mask (original) against the saved one (final).
-        return {"dice": Dice()}
+        return {"dice": TumourDice(self.settings.label_value)}
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -50,6 +50,20 @@ def parse_choice(value: Any, what: str, choices: Sequence[str]) -> str:
     return value
 
 
+def parse_label_value(value: Any, labels: Sequence[str], what: str) -> Optional[int]:
+    """The tumour's value in multi-class final labels (KiTS: kidney 1, tumour 2): ``any`` (None: every non-zero
+    voxel), a whole number, or a name in ``labels``, which MONAI Label numbers from 1 in their order."""
+    text = str(value).strip()
+    if text.lower() == "any":
+        return None
+    if text in labels:
+        return labels.index(text) + 1
+    try:
+        return int(parse_number(text, what, 1, 65535, integer=True))
+    except ValueError:
+        raise ValueError(f"{what}: {value!r} is not any, a whole number or one of the labels {list(labels)}") from None
+
+
 DEMO = "demo"  # the checkpoint setting that serves the demo weights (lib/demo.py)
 NO_FILE = "none"
 MEGABYTE = 2**20
@@ -62,6 +76,7 @@ OPTIONS: Dict[str, Tuple[Optional[str], str]] = {
     "sam_checkpoint": ("download", "download, none, or a segment-anything checkpoint file"),
     "preset": ("kits", ", ".join(PRESET_NAMES)),
     "labels": ("tumor", "comma-separated label names"),
+    "label_value": ("any", "any (every non-zero voxel), a whole number 1 to 65535, or a name in labels"),
     "device": (None, "cpu, cuda or cuda:N (default: cuda when available)"),
     "precision": ("auto", "auto, float32 or bfloat16"),
     "compile": ("auto", "auto, true or false"),
@@ -88,6 +103,7 @@ class Settings:
     sam_checkpoint: str
     preset: str
     labels: Tuple[str, ...]
+    label_value: Optional[int]  # the tumour's value in final labels; None: every non-zero voxel
     device: str
     precision: str  # auto | float32 | bfloat16
     compile: str  # auto | true | false
@@ -128,6 +144,7 @@ class Settings:
             raise ValueError(f"{what('labels')}: no label name given")
         return cls(
             backbone=backbone or None,
+            label_value=parse_label_value(text["label_value"], labels, what("label_value")),
             checkpoint=checkpoint,
             sam_checkpoint=text["sam_checkpoint"],
             preset=parse_choice(text["preset"], what("preset"), PRESET_NAMES),

@@ -108,6 +108,7 @@ class Sam3DTaskConfig(TaskConfig):
         settings = kwargs.get("settings") or Settings.from_conf(conf, torch.cuda.is_available())
         self.labels = list(settings.labels)
         self.preset = settings.preset
+        self.label_value = settings.label_value
         self.source = model_source(settings, model_dir)
         # torch.compile of the encoder pays on a GPU, not on CPUs (docs/benchmarks.md).
         self.compile = settings.compile == "true" or (settings.compile == "auto" and settings.on_gpu)
@@ -156,4 +157,5 @@ class Sam3DTaskConfig(TaskConfig):
             publish_path=self.source.published,
             stats_path=os.path.join(self.model_dir, "train_stats.json"),
             state_path=os.path.join(self.model_dir, "train_state.pt"),
+            label_value=self.label_value,
         )

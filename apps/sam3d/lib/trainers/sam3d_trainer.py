@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 from fastapi import HTTPException
@@ -174,22 +175,33 @@ def check_gpus(value: Any) -> None:
                              f"server's {count} GPU(s), e.g. '0' or '0,1'")
 
 
-def usable_pairs(datalist: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], Dict[str, str]]:
-    """The (image, final label) pairs that pass the checks a saved label passes, sorted; and why the others do
-    not. A label damaged on disk (cut short: ITK reads it zero-filled) would otherwise teach the model that the
-    lesion's lost half is background."""
+def usable_pairs(
+    datalist: List[Dict[str, str]], label_value: Optional[int] = None
+) -> Tuple[List[Dict[str, str]], Dict[str, str]]:
+    """The (image, final label) pairs that pass the checks a saved label passes and hold some tumour (voxels of
+    ``label_value``; None: any non-zero voxel), sorted; and why the others do not. A label damaged on disk (cut
+    short: ITK reads it zero-filled) would otherwise teach the model that the lesion's lost half is background."""
     usable, skipped = [], {}
     for pair in sorted(datalist, key=lambda d: d["image"]):
         name = os.path.basename(pair["image"])
         try:
             require_volume(pair["image"], f"the image {name}")
             require_label_of(pair["label"], pair["image"], name)
+            require_tumour(pair["label"], label_value, name)
         except HTTPException as e:
             logger.warning(f"sam3d training: skipping {name}: {e.detail}")
             skipped[name] = e.detail
             continue
         usable.append(pair)
     return usable, skipped
+
+
+def require_tumour(label_path: str, label_value: Optional[int], name: str) -> None:
+    values = np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label_path)))
+    if not (label_value in values if label_value else (values != 0).any()):
+        wanted = f"no voxel of the tumour's value {label_value}" if label_value else "no labelled voxel"
+        raise HTTPException(status_code=422, detail=f"the final label of {name} has {wanted} (its values: "
+                            f"{values.tolist()[:10]}; --conf label_value)")
 
 
 class Sam3DTrainer(TrainTask):
@@ -201,7 +213,8 @@ class Sam3DTrainer(TrainTask):
     a request with options, stats on disk for ``/train/``, and a published model that inference picks up."""
 
     def __init__(
-        self, source: ModelSource, preset: str, backbone: str, publish_path: str, stats_path: str, state_path: str
+        self, source: ModelSource, preset: str, backbone: str, publish_path: str, stats_path: str, state_path: str,
+        label_value: Optional[int] = None,
     ) -> None:
         super().__init__("Fine-tune the 3DSAM-adapter on saved final labels (adapters, necks, prompt encoder, decoder)")
         self.source = source
@@ -210,6 +223,7 @@ class Sam3DTrainer(TrainTask):
         self.publish_path = publish_path
         self.stats_path = stats_path
         self.state_path = state_path
+        self.label_value = label_value
         self.options = dict(DEFAULT_OPTIONS)
 
     def config(self) -> Dict[str, Any]:
@@ -230,7 +244,7 @@ class Sam3DTrainer(TrainTask):
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         options = training_options(self.options, request)
-        datalist, skipped = usable_pairs(datastore.datalist())
+        datalist, skipped = usable_pairs(datastore.datalist(), self.label_value)
         if not datalist:
             unusable = f" ({len(skipped)} unusable: {skipped})" if skipped else ""
             raise InvalidRequest(f"no images with a final label to train on{unusable}: save some labels first")
@@ -247,6 +261,7 @@ class Sam3DTrainer(TrainTask):
             publish_path=self.publish_path,
             stats_path=self.stats_path,
             state_path=self.state_path,
+            label_value=self.label_value,
         )
         logger.info(f"sam3d training: {len(job.train)} training and {len(job.val)} validation images")
         gpus = torch.cuda.device_count() if self.source.device.startswith("cuda") else 0
