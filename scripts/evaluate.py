@@ -28,21 +28,23 @@ import glob
 import logging
 import os
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
 from lib.infers.segment import FollowBounds  # noqa: E402
-from lib.model import CONFIGS, build_sam3d  # noqa: E402
+from lib.model import CONFIGS, Clicks, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.trainers.data import load_labelled, load_on_image_grid  # noqa: E402
 from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, dice_auc, lesion_scores, worst_drop  # noqa: E402
-from lib.transforms.presets import PAPER_PRESETS, PRESETS  # noqa: E402
+from lib.trainers.simulated_user import CONNECTIVITY  # noqa: E402
+from lib.transforms.presets import PAPER_PRESETS, PRESETS, READER  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -135,6 +137,44 @@ def plot(rows: List[Dict], clicks: int, path: str) -> None:
     plt.close(fig)
 
 
+def picture(image_path: str, label: np.ndarray, masks: Dict[int, Tuple[np.ndarray, Clicks]], spacing,
+            window: Optional[Tuple[float, float]], title: str, path: str) -> None:
+    """The lesion's middle slice (across the thickest voxels' axis: the slice axis of the stored grid) in the
+    preset's ``window`` (None: the slice's 1-99 percentiles) with the expert's contour and the mask's after each
+    click in ``masks`` ({n: (mask, clicks on the image's grid)})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from monai.transforms import LoadImage
+
+    axis = len(spacing) - 1 - int(np.argmax(np.asarray(spacing)[::-1]))  # the last of the thickest axes
+    middle = int(np.median(np.argwhere(label)[:, axis]))
+    image = np.asarray(LoadImage(reader=READER, image_only=True)(image_path))
+
+    def cut(volume: np.ndarray) -> np.ndarray:
+        return np.take(volume, middle, axis=axis).T  # rows: the second remaining axis
+
+    low, high = window or np.percentile(cut(image), [1, 99])
+    others = [a for a in range(3) if a != axis]
+    fig, axes = plt.subplots(1, len(masks), figsize=(4 * len(masks), 4.2))
+    for ax, (n, (mask, clicks)) in zip(np.atleast_1d(axes), sorted(masks.items())):
+        ax.imshow(cut(image), cmap="gray", vmin=low, vmax=high)
+        ax.contour(cut(label), levels=[0.5], colors="lime", linewidths=1.2)
+        if cut(mask).any():
+            ax.contour(cut(mask), levels=[0.5], colors="red", linewidths=1.2)
+        for points, marker in ((clicks.foreground, "+"), (clicks.background, "x")):
+            near = points[np.abs(points[:, axis] - middle) <= 1] if len(points) else points
+            ax.scatter(near[:, others[0]], near[:, others[1]], marker=marker, c="yellow", s=60)
+        ax.set_title(f"{title}: after {n} click{'s' if n > 1 else ''}", fontsize=9)
+        ax.axis("off")
+    fig.text(0.5, 0.01, "green: expert's contour, red: sam3d's mask, yellow: clicks (+ foreground, x background) "
+             "on this slice", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="MSD-layout folder (imagesTr/labelsTr) or MONAI Label studies folder")
@@ -154,6 +194,9 @@ def main() -> None:
     parser.add_argument("--grid", choices=("model", "image"), default="model",
                         help="where clicks are placed and masks scored: the model's grid (the preset's spacing) or the "
                              "image's stored grid, as the server returns masks and the challenge scores them")
+    parser.add_argument("--pictures", type=int, default=0, metavar="K",
+                        help="with --grid image: a PNG of each of the first K cases' lesions (middle slice, the "
+                             "expert's contour, the masks after the first and the last click) in --out/pictures/")
     parser.add_argument("--out", default="results", help="folder for results.csv, results.md, results.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -168,11 +211,25 @@ def main() -> None:
     kinds = read_lesion_kinds(args.data)
     bounds = FollowBounds(args.follow_max_extent, args.follow_max_crops)
 
+    if args.pictures and args.grid != "image":
+        parser.error("--pictures draws masks on the image's grid: add --grid image")
+    os.makedirs(os.path.join(args.out, "pictures") if args.pictures else args.out, exist_ok=True)
     rows = []
-    for case, image_path, label_path in tqdm(cases, desc="cases"):
+    for number, (case, image_path, label_path) in enumerate(tqdm(cases, desc="cases")):
         if args.grid == "image":
             volume, label, grid = load_on_image_grid(image_path, label_path, args.preset, label_value)
-            per_lesion = lesion_scores(model, volume, label, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid)
+            shown: Dict[int, Dict[int, Tuple[np.ndarray, Clicks]]] = {}
+
+            def keep(lesion: int, n: int, mask: np.ndarray, clicks_so_far: Clicks) -> None:
+                if number < args.pictures and n in (1, args.clicks):
+                    shown.setdefault(lesion, {})[n] = (mask.copy(), clicks_so_far)
+
+            per_lesion = lesion_scores(model, volume, label, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid,
+                                       observe=keep)
+            components = ndimage.label(label, structure=CONNECTIVITY)[0]
+            for lesion, masks in shown.items():
+                picture(image_path, components == lesion + 1, masks, grid.image_spacing, PRESETS[args.preset].window, f"{case} lesion {lesion + 1}",
+                        os.path.join(args.out, "pictures", f"{case}_{lesion + 1}.png"))
         else:
             image, label = load_labelled(image_path, label_path, args.preset, label_value)
             per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds)
@@ -180,7 +237,6 @@ def main() -> None:
     if not rows:
         raise SystemExit("no lesion in any label: check --label-value")
 
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

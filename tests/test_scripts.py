@@ -197,12 +197,17 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, gri
     out = tmp_path / "results"
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), str(tmp_path / "hard"), "--backbone", "tiny",
-         "--preset", "kits", "--label-value", "1", "--clicks", "3", "--grid", grid, "--out", str(out)],
+         "--preset", "kits", "--label-value", "1", "--clicks", "3", "--grid", grid, "--out", str(out),
+         *(["--pictures", "2"] if grid == "image" else [])],
         capture_output=True, text=True, timeout=900, check=True,
     )
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["kind"] for r in rows] == ["lobulated", "ring", "low_contrast", "touching"]
+    if grid == "image":  # the first two cases' lesions, each after the first and the last click
+        pictures = sorted(p.name for p in (out / "pictures").iterdir())
+        assert pictures == sorted(f"{r['case']}_{r['lesion']}.png" for r in rows[:2])
+        assert all((out / "pictures" / p).read_bytes().startswith(b"\x89PNG") for p in pictures)
     assert f"on the {grid}'s grid" in (out / "results.md").read_text()
     for row in rows:
         dice = [float(row[f"dice_{n}"]) for n in (1, 2, 3)]

@@ -6,7 +6,7 @@ Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a toleran
 sub-voxel surfaces as in the DeepMind implementation the authors used.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ def lesion_scores(
     tolerance: float = NSD_TOLERANCE_MM,
     bounds: FollowBounds = FollowBounds(),
     grid: Optional[GridMap] = None,
+    observe: Optional[Callable[[int, int, np.ndarray, Clicks], None]] = None,
 ) -> List[Dict[int, Score]]:
     """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume: {n: Score} after n
     protocol clicks for each n in ``clicks``.
@@ -101,7 +102,8 @@ def lesion_scores(
     With ``grid`` it is the stored image's (and so is the spacing, the grid's), as in the challenge: each click is
     placed on the image's own errors and mapped to the model's grid as a request's clicks are, and the mask is
     scored as the server returns it, resampled to the image's grid (where a thick-slice label is not stair-stepped
-    by resampling)."""
+    by resampling). ``observe(lesion index, n, mask, clicks)`` is called with each scored mask and the clicks that
+    gave it (pictures of what a radiologist would see)."""
     if grid:
         spacing = grid.image_spacing
     restore = ResampleToOriginalGridd()
@@ -132,6 +134,8 @@ def lesion_scores(
                     kinds[-1],
                     boundary_share(prediction[box], lesion[box]),
                 )
+                if observe:
+                    observe(index - 1, n, prediction, clicks_so_far)
             correction = protocol_click(prediction[box], lesion[box], spacing)
             if correction is None:
                 kinds.append("none")

@@ -53,7 +53,7 @@ def _mean_of(presets: List[Preset]) -> Preset:
     )
 
 
-STS_SPACING = (3.0, 3.0, 3.0)
+STS_SPACING = (4.0, 4.0, 4.0)
 
 PRESETS: Dict[str, Preset] = {
     **PAPER_PRESETS,
@@ -61,7 +61,7 @@ PRESETS: Dict[str, Preset] = {
     # MR intensities have no absolute scale: clip to the image's own percentiles, then its own z-score.
     "mr": Preset("Generic MR (per-image percentile window and z-score)", None, None, None),
     # Soft-tissue sarcomas of the trunk and limbs (TCIA's STS collection, docs/real_scans.md): lesions of 5 to 27 cm,
-    # so a coarser grid lets a crop see most of one. The CT window and statistics are nnU-Net's (the 0.5-99.5
+    # so a coarser grid lets a crop see most of one (4 mm: the tiny crop is 128 mm). The CT window and statistics are nnU-Net's (the 0.5-99.5
     # percentiles of the training split's tumour voxels, then their mean and deviation inside that window).
     "sts_ct": Preset("Soft-tissue sarcoma CT (TCIA STS)", (-86, 147), 29.84, 32.86, spacing=STS_SPACING),
     "sts_mr": Preset("Soft-tissue sarcoma MR T1 (TCIA STS; per-image window and z-score)", None, None, None,
