@@ -485,6 +485,8 @@ def run_model(
         rows = click_cases(server, test, args.clicks, masks)
         served = entrant.served(server, training)
         check_no_test_label(studies, test)
+        if training.published:  # kept for pictures and offline evaluation (scripts/evaluate.py)
+            shutil.copy(training.published, os.path.join(args.out, f"{entrant.name}{os.path.splitext(training.published)[1]}"))
     finally:
         stop_server(proc)
     return summary(entrant.name, setup, training, served, rows, args.clicks), rows

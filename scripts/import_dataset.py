@@ -429,6 +429,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lib.datastore").setLevel(logging.WARNING)  # a line per file; the progress bar says as much
     layout = args.layout or detect_layout(args.source, args.image)
     cases, unknown = selected(find_cases(args.source, layout, args), args.cases, args.limit)
     logger.log(logging.INFO if cases else logging.WARNING, f"{args.source}: {layout} layout, {len(cases)} cases")

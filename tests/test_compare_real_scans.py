@@ -9,6 +9,7 @@ import re
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 from scipy import ndimage
 
@@ -70,6 +71,7 @@ def test_sam3d_is_trained_and_clicked_through_rest_without_seeing_a_test_label(s
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| sam3d |")] == ["sam3d"]
     for n in range(1, CLICKS + 1):
         assert 0 <= float(summary[f"Dice@{n}"]) <= 1 and 0 <= float(summary[f"NSD@{n}"]) <= 1
+    assert torch.load(out / "sam3d.pt", weights_only=True)["meta"]["steps"] == STEPS  # the model trained, kept
 
     # The csv: a row per lesion of the test labels, with Dice and NSD in [0, 1] after each click.
     with open(out / "comparison.csv", newline="") as f:
