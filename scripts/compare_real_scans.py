@@ -401,13 +401,13 @@ def infer_mask(
     if not path:
         raise RuntimeError(f"{model} returned no mask for {case}")
     try:
-        mask = sitk.ReadImage(path)
+        mask, stored = read_ijk(path)
     finally:
         os.remove(path)
-    if not same_grid(mask, image):
+    if not same_grid(stored, image):
         raise RuntimeError(f"{model}'s mask of {case} is not on the image's grid (size, spacing, origin, direction): "
-                           f"{grid(mask)}, the image's {grid(image)}")
-    return sitk.GetArrayFromImage(mask).transpose(2, 1, 0) > 0, seconds
+                           f"{grid(stored)}, the image's {grid(image)}")
+    return mask > 0, seconds
 
 
 def click_lesion(

@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +42,6 @@ from lib.model import CONFIGS, Clicks, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.trainers.data import load_labelled, load_on_image_grid  # noqa: E402
 from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, dice_auc, lesion_scores, worst_drop  # noqa: E402
-from lib.trainers.simulated_user import CONNECTIVITY  # noqa: E402
 from lib.transforms.presets import PAPER_PRESETS, PRESETS, READER  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -218,18 +216,19 @@ def main() -> None:
     for number, (case, image_path, label_path) in enumerate(tqdm(cases, desc="cases")):
         if args.grid == "image":
             volume, label, grid = load_on_image_grid(image_path, label_path, args.preset, label_value)
+            lesions: Dict[int, np.ndarray] = {}
             shown: Dict[int, Dict[int, Tuple[np.ndarray, Clicks]]] = {}
 
-            def keep(lesion: int, n: int, mask: np.ndarray, clicks_so_far: Clicks) -> None:
+            def keep(index: int, lesion: np.ndarray, n: int, mask: np.ndarray, clicks_so_far: Clicks) -> None:
                 if number < args.pictures and n in (1, args.clicks):
-                    shown.setdefault(lesion, {})[n] = (mask.copy(), clicks_so_far)
+                    lesions[index] = lesion
+                    shown.setdefault(index, {})[n] = (mask, clicks_so_far)
 
             per_lesion = lesion_scores(model, volume, label, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid,
                                        observe=keep)
-            components = ndimage.label(label, structure=CONNECTIVITY)[0]
-            for lesion, masks in shown.items():
-                picture(image_path, components == lesion + 1, masks, grid.image_spacing, PRESETS[args.preset].window, f"{case} lesion {lesion + 1}",
-                        os.path.join(args.out, "pictures", f"{case}_{lesion + 1}.png"))
+            for index, masks in shown.items():
+                picture(image_path, lesions[index], masks, grid.image_spacing, PRESETS[args.preset].window,
+                        f"{case} lesion {index + 1}", os.path.join(args.out, "pictures", f"{case}_{index + 1}.png"))
         else:
             image, label = load_labelled(image_path, label_path, args.preset, label_value)
             per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds)

@@ -43,11 +43,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
+from evaluate import EXTENSIONS, strip_extension  # noqa: E402
 from lib.datastore import SafeLocalDatastore, read_header, require_label_of  # noqa: E402
 
 logger = logging.getLogger("import_dataset")
 
-EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 TUMOUR_WORDS = ("tumour", "tumor", "cancer", "lesion", "mass")
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 LAYOUTS = ("msd", "nnunet", "cases", "dicom")
@@ -75,17 +75,14 @@ class TumourChoice:
     name: Optional[str] = None
 
 
-def strip_extension(name: str) -> Optional[str]:
-    return next((name[: -len(e)] for e in EXTENSIONS if name.endswith(e)), None)
-
-
 def volume_names(folder: str, ending: Optional[str] = None) -> Dict[str, str]:
     """{name without extension: path} of the volumes in ``folder``; hidden files (macOS ``._*``) are not."""
     found = {}
     for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if file.startswith("."):
             continue
-        stem = (file[: -len(ending)] if file.endswith(ending) else None) if ending else strip_extension(file)
+        stem = (file[: -len(ending)] if file.endswith(ending) else None) if ending else (
+            strip_extension(file) if file.endswith(EXTENSIONS) else None)
         if stem:
             found[stem] = os.path.join(folder, file)
     return found
@@ -276,10 +273,10 @@ def three_d_image(case: Case, image_id: str, folder: str) -> str:
     return write_nifti(channel, folder, f"{image_id}_channel{case.channel}")
 
 
-def tumour_mask_file(label_path: str, value: int, image_path: str, folder: str) -> str:
+def tumour_mask_file(label: sitk.Image, value: int, image_path: str, folder: str) -> str:
     """0/1 uint8 label of the tumour, written with the image's exact grid (the label lies on it within the
     datastore's tolerance: rounding in the files' affines would otherwise show)."""
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(label_path))
+    labels = sitk.GetArrayViewFromImage(label)
     mask = (labels == value).astype(np.uint8)
     if not mask.any():
         raise Skip(f"no tumour voxels: no voxel has the value {value} (the label holds {np.unique(labels).tolist()})")
@@ -293,8 +290,8 @@ def import_file_case(store: SafeLocalDatastore, case: Case, image_id: str, value
             raise Skip(f"no {kind} ({path})")
     with tempfile.TemporaryDirectory(prefix="import-") as folder:
         image_path = three_d_image(case, image_id, folder)
-        require_label_of(case.label, image_path, image_id)  # the datastore's own check, on the original label
-        label_path = tumour_mask_file(case.label, value, image_path, folder)
+        label = require_label_of(case.label, image_path, image_id)  # the datastore's own check, on the original label
+        label_path = tumour_mask_file(label, value, image_path, folder)
         store_pair(store, image_id, image_path, label_path, {"source": case.image},
                    {"source": case.label, "label_value": value})
 
@@ -438,7 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         choice = TumourChoice(tumour_value(args, label_values_by_name(read_dataset_json(args.source)), cases))
         logger.info(f"the tumour is the label value {choice.value}")
-    store = SafeLocalDatastore(args.out, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=False)
+    store = SafeLocalDatastore(args.out, extensions=tuple(f"*{e}" for e in EXTENSIONS), auto_reload=False)
     results = {name: "not in the source" for name in unknown}
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
         for case in tqdm(cases, desc="cases", unit="case"):

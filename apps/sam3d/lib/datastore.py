@@ -242,13 +242,13 @@ def require_volume(path: str, what: str) -> sitk.ImageFileReader:
     return header
 
 
-def require_label_of(label_path: str, image_path: str, image_id: str) -> None:
+def require_label_of(label_path: str, image_path: str, image_id: str) -> sitk.Image:
     """A wrong or broken label would replace the one stored before (a radiologist's work) and later break
-    training: keep only a whole 3D label on the image's voxel grid."""
+    training: keep only a whole 3D label on the image's voxel grid. Returns the label as read (all its voxels)."""
     what = f"the label for {image_id}"
     label = require_volume(label_path, what)
     try:
-        label.Execute()  # all voxels: a compressed file cut short fails here
+        voxels = label.Execute()  # all voxels: a compressed file cut short fails here
     except RuntimeError:
         raise HTTPException(status_code=422, detail=f"{what} cannot be read: its voxel data are damaged") from None
     image = read_header(image_path, f"the stored image {image_id}")
@@ -261,6 +261,7 @@ def require_label_of(label_path: str, image_path: str, image_id: str) -> None:
             detail=f"{what} is not on the image's voxel grid: its corners lie up to {offset:.3g} mm from the "
             f"image's (label {describe_grid(label)}; image {describe_grid(image)})",
         )
+    return voxels
 
 
 # How far (in voxels) a label's corners may lie from its image's: rounding of the affine by the file formats.

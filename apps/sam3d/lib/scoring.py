@@ -3,12 +3,12 @@
 import logging
 from typing import Any, Dict, Optional
 
-import numpy as np
 from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.trainers.data import tumour
+from lib.trainers.evaluate import dice
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ class TumourDice(ScoringMethod):
             if truth.shape != prediction.shape:
                 logger.warning(f"dice: {image_id}'s {tag_prediction} and {tag_truth} labels are on other grids")
                 continue
-            total = int(truth.sum() + prediction.sum())
-            score = float(2 * np.sum(truth & prediction) / total) if total else 1.0
+            score = dice(prediction, truth)
             datastore.update_image_info(image_id, {"dice": score})
             scores[image_id] = score
         return scores

@@ -89,7 +89,7 @@ def lesion_scores(
     tolerance: float = NSD_TOLERANCE_MM,
     bounds: FollowBounds = FollowBounds(),
     grid: Optional[GridMap] = None,
-    observe: Optional[Callable[[int, int, np.ndarray, Clicks], None]] = None,
+    observe: Optional[Callable[[int, np.ndarray, int, np.ndarray, Clicks], None]] = None,
 ) -> List[Dict[int, Score]]:
     """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume: {n: Score} after n
     protocol clicks for each n in ``clicks``.
@@ -102,8 +102,8 @@ def lesion_scores(
     With ``grid`` it is the stored image's (and so is the spacing, the grid's), as in the challenge: each click is
     placed on the image's own errors and mapped to the model's grid as a request's clicks are, and the mask is
     scored as the server returns it, resampled to the image's grid (where a thick-slice label is not stair-stepped
-    by resampling). ``observe(lesion index, n, mask, clicks)`` is called with each scored mask and the clicks that
-    gave it (pictures of what a radiologist would see)."""
+    by resampling). ``observe(lesion index, lesion, n, mask, clicks)`` is called with each scored mask and the
+    clicks that gave it (pictures of what a radiologist would see)."""
     if grid:
         spacing = grid.image_spacing
     restore = ResampleToOriginalGridd()
@@ -135,7 +135,7 @@ def lesion_scores(
                     boundary_share(prediction[box], lesion[box]),
                 )
                 if observe:
-                    observe(index - 1, n, prediction, clicks_so_far)
+                    observe(index - 1, lesion, n, prediction, clicks_so_far)
             correction = protocol_click(prediction[box], lesion[box], spacing)
             if correction is None:
                 kinds.append("none")

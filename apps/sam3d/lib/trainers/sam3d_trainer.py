@@ -186,8 +186,8 @@ def usable_pairs(
         name = os.path.basename(pair["image"])
         try:
             require_volume(pair["image"], f"the image {name}")
-            require_label_of(pair["label"], pair["image"], name)
-            require_tumour(pair["label"], label_value, name)
+            label = require_label_of(pair["label"], pair["image"], name)
+            require_tumour(label, label_value, name)
         except HTTPException as e:
             logger.warning(f"sam3d training: skipping {name}: {e.detail}")
             skipped[name] = e.detail
@@ -196,8 +196,8 @@ def usable_pairs(
     return usable, skipped
 
 
-def require_tumour(label_path: str, label_value: Optional[int], name: str) -> None:
-    values = np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label_path)))
+def require_tumour(label: sitk.Image, label_value: Optional[int], name: str) -> None:
+    values = np.unique(sitk.GetArrayViewFromImage(label))
     if not (label_value in values if label_value else (values != 0).any()):
         wanted = f"no voxel of the tumour's value {label_value}" if label_value else "no labelled voxel"
         raise HTTPException(status_code=422, detail=f"the final label of {name} has {wanted} (its values: "
