@@ -12,8 +12,11 @@ reaches a crop's face followed beyond it (zoomed out, then refined) within --fol
 --follow-max-crops (the server's defaults; --follow-max-extent 1: one crop per click group, as before following).
 Clicks are placed and masks scored on the model's grid (the preset's spacing), or with --grid image on the image's
 stored grid, as the server returns masks and the challenge scores them (a thick-slice label is not resampled).
-Per lesion: Dice, NSD and recall (the fraction of the lesion inside the mask) after clicks 1..N, the area under the Dice curve (AUC: the mean of Dice@1..N) and
-the worst drop (the largest fall of Dice after one click); which kind each click was (click_n: foreground,
+With --first box each lesion starts with the challenge's box instead (its tight 2D box on the lesion's middle axial
+slice and the slices it spans), scored as step "box", then N clicks with the box kept.
+Per lesion: Dice, NSD and recall (the fraction of the lesion inside the mask) after the box and clicks 1..N, the area
+under the Dice curve (AUC: the mean of Dice@1..N), the challenge's DSC_AUC and NSD_AUC (trapezoids over the N click
+steps, in [0, N - 1]) and the worst drop (the largest fall of Dice after one click); which kind each click was (click_n: foreground,
 background, or none when the mask was already right), and per group the mean change of Dice that a background
 click caused (what a click on a leak does to the mask); and the share of the wrong voxels on the lesion's
 boundary (boundary_n: near 1, what is left is a band one voxel wide). Where DATA holds lesion_kinds.json (written with the
@@ -41,7 +44,7 @@ from lib.infers.segment import FollowBounds  # noqa: E402
 from lib.model import CONFIGS, Clicks, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.trainers.data import load_labelled, load_on_image_grid  # noqa: E402
-from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, dice_auc, lesion_scores, worst_drop  # noqa: E402
+from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, challenge_auc, dice_auc, lesion_scores, worst_drop  # noqa: E402
 from lib.transforms.presets import PAPER_PRESETS, PRESETS, READER  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -76,12 +79,16 @@ def find_cases(data: str) -> List[Tuple[str, str, str]]:
 
 
 def lesion_row(case: str, lesion: int, kind: str, scores: Dict[int, Score], clicks: int) -> Dict:
-    """One csv row: Dice, NSD and recall after each click, the AUC and worst drop of the Dice curve."""
+    """One csv row: Dice, NSD and recall after the box (n = 0, box-first only) and each click, the AUC and worst
+    drop of the Dice curve, and the challenge's DSC_AUC and NSD_AUC over the click steps."""
     row = {"case": case, "lesion": lesion, "kind": kind}
-    for n in range(1, clicks + 1):
+    steps = sorted(scores)
+    for n in steps:
         row[f"dice_{n}"], row[f"nsd_{n}"], row[f"recall_{n}"], row[f"click_{n}"], row[f"boundary_{n}"] = scores[n]
-    curve = [scores[n][0] for n in range(1, clicks + 1)]
-    row["dice_auc"], row["worst_drop"] = dice_auc(curve), worst_drop(curve)
+    curve = [scores[n].dice for n in steps]
+    row["dice_auc"], row["worst_drop"] = dice_auc(curve[-clicks:]), worst_drop(curve)
+    row["dsc_auc_challenge"] = challenge_auc(curve, clicks)
+    row["nsd_auc_challenge"] = challenge_auc([scores[n].nsd for n in steps], clicks)
     return row
 
 
@@ -96,18 +103,21 @@ def background_changes(rows: List[Dict], clicks: int) -> List[float]:
     """The change of Dice that each background click of ``rows`` caused (Dice@n - Dice@n-1 where click n was a
     background click: mostly a click on a leak)."""
     return [float(r[f"dice_{n}"]) - float(r[f"dice_{n - 1}"])
-            for r in rows for n in range(2, clicks + 1) if r[f"click_{n}"] == "background"]
+            for r in rows for n in range(1, clicks + 1) if f"dice_{n - 1}" in r and r[f"click_{n}"] == "background"]
 
 
 def markdown_table(rows: List[Dict], clicks: int) -> str:
     key, grouped = groups(rows)
-    columns = [f"{metric}_{n}" for metric in ("dice", "nsd") for n in range(1, clicks + 1)] + ["recall_1"]
+    first = 0 if "dice_0" in rows[0] else 1
+    steps = range(first, clicks + 1)
+    columns = [f"{metric}_{n}" for metric in ("dice", "nsd") for n in steps] + [f"recall_{first}"]
     names = {"dice": "Dice", "nsd": "NSD", "recall": "recall"}
-    header = [key, "lesions"] + [f"{names[c.split('_')[0]]}@{c.split('_')[1]}" for c in columns]
-    header += ["Dice AUC", "worst drop", "background clicks", "Dice change per background click"]
+    header = [key, "lesions"] + [f"{names[c.split('_')[0]]}@{c.split('_')[1].replace('0', 'box')}" for c in columns]
+    header += ["Dice AUC", "worst drop", "DSC_AUC", "NSD_AUC", "background clicks", "Dice change per background click"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, chosen in grouped.items():
-        cells = [name, str(len(chosen))] + [f"{np.mean([r[c] for r in chosen]):.3f}" for c in columns + ["dice_auc", "worst_drop"]]
+        averaged = columns + ["dice_auc", "worst_drop", "dsc_auc_challenge", "nsd_auc_challenge"]
+        cells = [name, str(len(chosen))] + [f"{np.mean([r[c] for r in chosen]):.3f}" for c in averaged]
         changes = background_changes(chosen, clicks)
         cells += [str(len(changes)), f"{np.mean(changes):+.3f}" if changes else "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -182,6 +192,9 @@ def main() -> None:
     parser.add_argument("--preset", default="ct", choices=sorted(PRESETS), help=f"paper presets: {sorted(PAPER_PRESETS)}")
     parser.add_argument("--label-value", type=int, help="the tumour's label value (default: the preset's, else any > 0)")
     parser.add_argument("--clicks", type=int, default=5, help="clicks per lesion, each scored")
+    parser.add_argument("--first", choices=("click", "box"), default="click",
+                        help="the first prompt: a click at the lesion's deepest voxel, or the challenge's box (its "
+                             "tight 2D box on the middle axial slice and its slice range), then --clicks clicks")
     parser.add_argument("--tolerance", type=float, default=NSD_TOLERANCE_MM, help="NSD tolerance in mm (paper: 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, help="evaluate the first N cases only")
@@ -225,13 +238,14 @@ def main() -> None:
                     shown.setdefault(index, {})[n] = (mask, clicks_so_far)
 
             per_lesion = lesion_scores(model, volume, label, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid,
-                                       observe=keep)
+                                       observe=keep, first=args.first)
             for index, masks in shown.items():
                 picture(image_path, lesions[index], masks, grid.image_spacing, PRESETS[args.preset].window,
                         f"{case} lesion {index + 1}", os.path.join(args.out, "pictures", f"{case}_{index + 1}.png"))
         else:
             image, label = load_labelled(image_path, label_path, args.preset, label_value)
-            per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds)
+            per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds,
+                                       first=args.first)
         rows += [lesion_row(case, i + 1, kinds.get(case, ""), scores, args.clicks) for i, scores in enumerate(per_lesion)]
     if not rows:
         raise SystemExit("no lesion in any label: check --label-value")
@@ -244,7 +258,7 @@ def main() -> None:
     weights = ", ".join(f"{k}: {v}" for k, v in model.weights_info.items())
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"{args.data}, preset {args.preset}, NSD tolerance {args.tolerance} mm, {args.clicks} clicks per lesion "
-                f"(challenge protocol) on the {args.grid}'s grid, following: {bounds}\n\nweights: {weights}\n\n{table}\n")
+                f"(challenge protocol, first prompt: {args.first}) on the {args.grid}'s grid, following: {bounds}\n\nweights: {weights}\n\n{table}\n")
     plot(rows, args.clicks, os.path.join(args.out, "results.png"))
     print(table)
     logger.info(f"wrote {args.out}/results.csv, results.md and results.png")

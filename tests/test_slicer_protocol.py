@@ -119,3 +119,38 @@ def test_a_slicer_correction_sequence_does_what_each_click_asks_and_improves_the
         ras = ijk_to_ras(image) @ np.append(voxel[::-1], 1.0)  # where the radiologist puts the control point
         params["foreground" if sign else "background"].append(slicer_click(image, ras[:3]))
     assert min(scores) > scores[0] - 0.02, scores
+
+
+def slicer_roi(image: sitk.Image, centre, size) -> list:
+    """getROIPointsXYZ: the ROI's two RAS corners (centre -/+ size / 2) through RASToIJK, rounded, each axis's
+    pair side by side: [i0, i1, j0, j1, k0, k1] (on a flipped axis i0 > i1)."""
+    low, high = np.asarray(centre) - np.asarray(size) / 2, np.asarray(centre) + np.asarray(size) / 2
+    ras_to_ijk = np.linalg.inv(ijk_to_ras(image))
+    first, second = ([round(v) for v in (ras_to_ijk @ np.append(corner, 1.0))[:3]] for corner in (low, high))
+    return [value for pair in zip(first, second) for value in pair]
+
+
+@pytest.mark.parametrize("study_index", [1, 2])
+def test_a_slicer_roi_placed_in_ras_alone_segments_the_lesion_in_physical_space(slicer_server, tmp_path, study_index):
+    """An ROI drawn around the lesion in RAS (a little loose, as by hand) on the flipped, permuted and anisotropic
+    geometry and on the oblique one, sent as the module sends it, with no click: the mask covers the lesion."""
+    from make_demo_studies import STUDIES
+
+    url, studies = slicer_server
+    study = STUDIES[study_index]
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    image = sitk.ReadImage(f"{studies}/{study.name}.nii.gz")
+    centre, radii, _ = study.lesions[0]
+    roi = slicer_roi(image, centre, 2.3 * np.asarray(radii))
+    if study_index == 1:
+        assert any(roi[2 * a] > roi[2 * a + 1] for a in range(3)), roi  # a flipped axis, as the module sends it
+    params = {"label": "Segment_1", "foreground": [], "background": [], "roi": roi, "result_extension": ".nrrd",
+              "result_dtype": "uint8"}
+    result, _ = client.infer("sam3d", study.name, params)
+    mask_image = sitk.ReadImage(result)
+    assert mask_image.GetSize() == image.GetSize()
+    ras = mask_points_ras(mask_image)
+    in_lesion = inside_ellipsoid(ras, centre, radii)
+    assert len(ras) and in_lesion.mean() > 0.6, (study.name, roi, len(ras), in_lesion.mean())
+    voxel_mm3 = float(np.prod(image.GetSpacing()))
+    assert in_lesion.sum() * voxel_mm3 > 0.5 * 4 / 3 * np.pi * np.prod(radii), (study.name, in_lesion.sum())

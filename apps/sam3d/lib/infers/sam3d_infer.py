@@ -14,12 +14,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.activelearning.uncertain import mask_uncertainty
-from lib.model import CheckpointError, Clicks, CropEncoding, Sam3D
+from lib.model import Box, CheckpointError, Clicks, CropEncoding, Sam3D
 from lib.transforms.cached import CachedPreprocessd
 from lib.errors import InvalidRequest
 from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
 from lib.transforms.crops import Crop, plan_crops
-from lib.transforms.keys import CLICKS, CROP_BOXES, IMAGE, PRED, from_cache
+from lib.transforms.keys import BOX, CLICKS, CROP_BOXES, IMAGE, PRED, from_cache
 from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
@@ -168,8 +168,8 @@ class Sam3DInfer(BasicInferTask):
         preset = data["preset"]  # checked once per request (__call__)
         image: MetaTensor = data[IMAGE]
         volume = image[0].as_tensor().float()
-        clicks = data[CLICKS]
-        crops = self.planned_crops(volume.shape, clicks)
+        clicks, box = data[CLICKS], data.get(BOX)
+        crops = self.planned_crops(volume.shape, clicks, box)
         with self._model_lock:  # one request's crops through the model at a time: no doubled peak memory
             segmenter = Segmenter(self.model, self.model_version, self.cache, self.rounds, self.follow_bounds)
             start = time.time()
@@ -178,11 +178,17 @@ class Sam3DInfer(BasicInferTask):
         data[PRED] = MetaTensor(segmentation.prob[None], meta=dict(image.meta))  # the meta holds the model grid's affine
         data[CROP_BOXES] = segmentation.boxes
         data["result"] = self.report(data, preset, segmentation, seconds)
+        if box is not None:
+            data["result"]["box"] = {
+                "model_grid": {"start": box.start.tolist(), "stop": box.stop.tolist()},
+                "prompt": "learned" if self.model.box_trained and self.model.correction_trained else "centre click",
+            }
         return data
 
-    def planned_crops(self, shape: Sequence[int], clicks: Clicks) -> List[Crop]:
-        """The crops of the request's click groups, bounded (following a lesion beyond them is bounded apart)."""
-        crops = plan_crops(clicks, shape, self.model.crop_size)
+    def planned_crops(self, shape: Sequence[int], clicks: Clicks, box: Optional[Box] = None) -> List[Crop]:
+        """The crops of the request's box and click groups, bounded (following a lesion beyond them is bounded
+        apart)."""
+        crops = plan_crops(clicks, shape, self.model.crop_size, box)
         if len(crops) > self.max_crops:  # each crop is an encoder pass, which holds the model for every user
             raise InvalidRequest(f"these clicks need {len(crops)} crops (clicks more than half a crop apart get one "
                                  f"each); at most {self.max_crops} are run per request (--conf max_crops)")

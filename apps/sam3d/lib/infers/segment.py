@@ -12,6 +12,10 @@ does:
    far near its border (deeper inside and farther out the coarse answer stands), so that neighbours agree at their
    seams.
 
+A box says how far its lesion goes, so its crop is never followed by the mask: a box that fits in the crop is served
+by that crop alone; a larger one is zoomed out to at once (its whole box with a margin, averaged down to the crop's
+size) and refined as above, each refining crop seeing its share of the box.
+
 At most ``max_crops`` crops are spent on following per request; where the bound stops it, the coarse answer stands
 and the result says so. Every crop's encoding goes through the feature cache: a further click runs the encoder
 only for crops it has not seen. A lesion whose mask stays off the crop's faces is served by the one crop, as before.
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from lib.model import Clicks, CropEncoding, Sam3D
+from lib.model import Box, Clicks, CropEncoding, Sam3D
+from lib.model.sam3d import BOX_MARGIN, kept_near_box
 from lib.regions import deepest_voxel
 from lib.transforms.crops import Crop, box_slices, crop_start, extract_box, paste_max, zoomed_box
 
@@ -143,8 +148,16 @@ class Segmenter:
         background = clicks.background
         result = Segmentation(torch.zeros(volume.shape))
         for crop in crops:
+            if crop.box is not None and not self.fits(crop):
+                self.follow_box(result, volume, crop, background, preset)
+                continue
             result.crops.append(list(crop.start))
-            logits = self.crop_logits(result, extract_box(volume, crop.start, self.size), crop.clicks, preset)
+            box = None if crop.box is None else crop.box.in_crop(crop.start, self.size)
+            logits = self.crop_logits(result, extract_box(volume, crop.start, self.size), crop.clicks, preset, box)
+            if box is not None:  # the box says how far the lesion goes: nothing to follow
+                paste_max(result.prob, logits.sigmoid(), crop.start)
+                result.boxes.append((crop.start, self.size))
+                continue
             if not self.beyond_crop(logits > 0, crop.start, volume.shape):
                 paste_max(result.prob, logits.sigmoid(), crop.start)
                 result.boxes.append((crop.start, self.size))
@@ -175,11 +188,46 @@ class Segmenter:
             result.cache_hits += 1
         return encoding, key
 
-    def crop_logits(self, result: Segmentation, pixels: torch.Tensor, clicks: Clicks, preset: str) -> torch.Tensor:
-        """A crop's foreground log-odds (S, S, S) for the request's clicks in it (``"crop"`` frame), every click
-        replayed as the server replays a request (``Sam3D.correction_logits``)."""
+    def crop_logits(
+        self, result: Segmentation, pixels: torch.Tensor, clicks: Clicks, preset: str, box: Optional[Box] = None
+    ) -> torch.Tensor:
+        """A crop's foreground log-odds (S, S, S) for the request's clicks and box in it (``"crop"`` frame), every
+        prompt replayed as the server replays a request (``Sam3D.correction_logits``)."""
         encoding, key = self.encode(result, pixels, preset)
-        return self.model.correction_logits(encoding, clicks, CropRounds(self.rounds, key)).float().cpu()
+        memo = CropRounds(self.rounds, key if box is None else f"{key}/{box.key()}")
+        return self.model.correction_logits(encoding, clicks, memo, box).float().cpu()
+
+    def fits(self, crop: Crop) -> bool:
+        """Whether the crop's box lies inside the crop."""
+        start = np.asarray(crop.start)
+        return bool((crop.box.start >= start).all() and (crop.box.stop <= start + self.size).all())
+
+    def follow_box(self, result: Segmentation, volume: torch.Tensor, crop: Crop, background: np.ndarray, preset: str) -> None:
+        """A box larger than the crop: one crop zoomed out to the box with a margin (within ``max_extent``
+        crops), then refining crops over its mask, each seeing its share of the box."""
+        box = crop.box
+        side = int(np.ceil(box.size.max() * (1 + 2 * BOX_MARGIN)))
+        limit = int(round(self.size * max(self.bounds.max_extent, 1.0)))
+        if side > limit:
+            side, result.growth_bounded = limit, True
+        start = crop_start(box.centre, volume.shape, side)
+        scale = self.size / side
+        foreground = crop.clicks.foreground + np.asarray(crop.start)
+        zoomed = Clicks(self.to_box(foreground, start, scale),
+                        self.to_box(self.in_box(background, start, side), start, scale), "crop")
+        logits = self.crop_logits(result, zoomed_box(volume, start, side, self.size), zoomed, preset,
+                                  box.in_crop(start, side, scale))
+        result.zoomed_crops.append({"start": list(start), "size": side, "zoom": round(side / self.size, 4)})
+        result.follow_crops += 1
+        region = F.interpolate(logits[None, None], size=(side,) * 3, mode="trilinear", align_corners=False)[0, 0]
+        in_volume = torch.zeros_like(region, dtype=torch.bool)
+        in_volume[tuple(slice(0, max(0, min(side, n - s))) for s, n in zip(start, volume.shape))] = True
+        if self.bounds.enabled:
+            band = self.band((region > 0) & in_volume)
+            self.refine(result, volume, crop, region, start, in_volume, band, background, preset, first=None)
+        region = kept_near_box(region, box.in_crop(start, side), torch.as_tensor(foreground - np.asarray(start)))
+        paste_max(result.prob, region.sigmoid(), start)
+        result.boxes.append((start, side))
 
     def follow(
         self, result: Segmentation, volume: torch.Tensor, crop: Crop, logits: torch.Tensor, background: np.ndarray,
@@ -198,7 +246,7 @@ class Segmenter:
         # The first crop lies inside the box (both are centred on it); it is the first refining crop.
         first = box_slices(np.asarray(crop.start) - start, self.size)
         region[first] = torch.where(band[first], logits, region[first])
-        self.refine(result, volume, crop, region, start, in_volume, band, background, preset)
+        self.refine(result, volume, crop, region, start, in_volume, band, background, preset, first=crop.start)
         return start, region
 
     def zoom_out(
@@ -248,10 +296,12 @@ class Segmenter:
     def refine(
         self, result: Segmentation, volume: torch.Tensor, crop: Crop, region: torch.Tensor, start: Sequence[int],
         in_volume: torch.Tensor, band: torch.Tensor, background: np.ndarray, preset: str,
+        first: Optional[Sequence[int]],
     ) -> None:
         """Tile ``region`` (the (R, R, R) log-odds of the box at ``start``, changed in place; ``in_volume``: its
-        voxels inside the volume) with crops at the model's spacing, nearest the first click first; each decides
-        within ``band`` only."""
+        voxels inside the volume) with crops at the model's spacing, nearest the first click (or the crop's box's
+        centre) first, but for the crop already at ``first``; each decides within ``band`` only, seeing its share
+        of the crop's box where the model was trained on boxes."""
         side = region.shape[0]
         start = np.asarray(start)
         upper = np.maximum(np.minimum(np.asarray(volume.shape), start + side) - self.size, 0)
@@ -259,10 +309,10 @@ class Segmenter:
         for local in plan_tiles((region > 0) & in_volume, self.size):
             # Inside the box and inside the volume where they are large enough.
             tile = np.clip(np.clip(np.asarray(local), 0, side - self.size) + start, 0, upper)
-            if tuple(tile) != tuple(crop.start) and tuple(tile) not in tiles:
+            if (first is None or tuple(tile) != tuple(first)) and tuple(tile) not in tiles:
                 tiles.append(tuple(int(t) for t in tile))
         foreground = crop.clicks.foreground + np.asarray(crop.start)
-        click = foreground[0]
+        click = foreground[0] if len(foreground) else crop.box.centre
         tiles.sort(key=lambda t: (float(np.linalg.norm(np.asarray(t) + self.size / 2 - click)), t))
         for tile in tiles:
             box = box_slices(np.asarray(tile) - start, self.size)
@@ -281,5 +331,9 @@ class Segmenter:
                 fg = deepest_voxel(mask.numpy())[None]
             bg = self.in_box(background, tile) - tile
             points, labels = Clicks(fg, bg, "crop").points_and_labels()
-            answer = self.model.click_logits(encoding, points, labels, region[box].clone()).float().cpu()
+            share = None
+            if crop.box is not None and self.model.box_trained and self.model.correction_trained:
+                share = crop.box.in_crop(tile, self.size)
+                share = None if share is None else share.mask(self.size)
+            answer = self.model.click_logits(encoding, points, labels, region[box].clone(), box=share).float().cpu()
             region[box] = torch.where(band[box], answer, region[box])

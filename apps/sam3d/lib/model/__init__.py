@@ -2,10 +2,11 @@
 
 from .build import CONFIGS, Sam3DConfig, build_sam3d, create_model, freeze_backbone, trainable_names
 from .checkpoints import CheckpointError, save_sam3d
-from .clicks import Clicks
+from .clicks import Box, Clicks
 from .sam3d import CropEncoding, Sam3D
 
 __all__ = [
+    "Box",
     "CONFIGS",
     "CheckpointError",
     "Clicks",

@@ -1,10 +1,11 @@
-"""The visual-sampler prompt encoder of the 3DSAM-adapter, with two prompts of sam3d's own.
+"""The visual-sampler prompt encoder of the 3DSAM-adapter, with three prompts of sam3d's own.
 
 Clicks become tokens by sampling the image features at their locations (no positional code of their
 own); learned global queries and the click tokens then update the image embedding through two-way
-attention. sam3d adds a click-type embedding (foreground or background) to each click token and the previous
-prediction of the crop as a dense prompt on the image embedding (as SAM's mask prompt); both start at zero, so
-an authors' checkpoint answers exactly as theirs until training has taught them. Axis convention: feature maps
+attention. sam3d adds a click-type embedding (foreground or background) to each click token, and two dense
+prompts on the image embedding (as SAM's mask prompt): the previous prediction of the crop, and a box around the
+lesion. All three start at zero, so an authors' checkpoint answers exactly as theirs until training has taught
+them. Axis convention: feature maps
 ``(B, C, D, H, W)``, clicks ``(d, h, w)`` voxel indices of the crop.
 """
 
@@ -66,9 +67,9 @@ class TwoWayBlock(nn.Module):
         return image, clicks
 
 
-class MaskMemory(nn.Module):
-    """The previous prediction of a crop as a dense prompt: (B, 1, S, S, S) log-odds -> (B, C, g, g, g), added to
-    the image embedding. The last convolution starts at zero: no effect until trained."""
+class DensePrompt(nn.Module):
+    """A crop-sized map in [-1, 1], (B, 1, S, S, S) -> (B, C, g, g, g), pooled to the feature grid and added to the
+    image embedding. The last convolution starts at zero: no effect until trained."""
 
     def __init__(self, dim: int, hidden: int = 16) -> None:
         super().__init__()
@@ -76,10 +77,29 @@ class MaskMemory(nn.Module):
         nn.init.zeros_(self.embed[-1].weight)
         nn.init.zeros_(self.embed[-1].bias)
 
+    def forward(self, dense: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        return self.embed(F.adaptive_avg_pool3d(dense.float(), tuple(grid)))
+
+    def trained(self) -> bool:
+        last = self.embed[-1]
+        return bool(last.weight.any() or last.bias.any())
+
+
+class MaskMemory(DensePrompt):
+    """The previous prediction of a crop: (B, 1, S, S, S) log-odds, as probabilities in [-1, 1] (bounded, whatever
+    the previous logits' scale)."""
+
     def forward(self, previous: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-        # Probabilities in [-1, 1] pooled to the feature grid: bounded, whatever the previous logits' scale.
-        pooled = F.adaptive_avg_pool3d(previous.float().sigmoid() * 2 - 1, tuple(grid))
-        return self.embed(pooled)
+        return super().forward(previous.float().sigmoid() * 2 - 1, grid)
+
+
+class BoxPrompt(DensePrompt):
+    """A box around the lesion: (B, 1, S, S, S) bool, the box's voxels in the crop, as 1 inside and -1 outside. A
+    dense map rather than corner tokens: a box larger than the crop (a zoomed-out crop's, or a tile's share of it)
+    is just the part of it the crop sees."""
+
+    def forward(self, box: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        return super().forward(box.float() * 2 - 1, grid)
 
 
 class PromptEncoder3d(nn.Module):
@@ -90,11 +110,14 @@ class PromptEncoder3d(nn.Module):
         self.layers = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim) for _ in range(depth))
         self.click_type = nn.Parameter(torch.zeros(2, dim))  # row 0: background, row 1: foreground
         self.mask_memory = MaskMemory(dim)
+        self.box_prompt = BoxPrompt(dim)
 
     @staticmethod
     def sample(features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
         """The visual sampler: features (B, C, d, h, w) read at points (B, N, 3), (d, h, w) voxel indices of a
         crop of size ``crop_size``, by trilinear interpolation -> click tokens (B, N, C)."""
+        if points.shape[1] == 0:  # a box alone
+            return features.new_zeros(points.shape[0], 0, features.shape[1], dtype=torch.float32)
         size = torch.as_tensor(crop_size, dtype=points.dtype, device=points.device)
         # Voxel centres in [-1, 1]; grid_sample wants (x, y, z) = (w, h, d).
         grid = ((points + 0.5) * 2 / size - 1).flip(-1)
@@ -109,15 +132,19 @@ class PromptEncoder3d(nn.Module):
         crop_size: Sequence[int],
         labels: Optional[torch.Tensor] = None,
         previous: Optional[torch.Tensor] = None,
+        box: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """features: (B, C, d, h, w); points: (B, N, 3) float (d, h, w) voxel indices of a crop of size
-        ``crop_size``; labels: (B, N) 1 = foreground, 0 = background (default all foreground); previous: the
-        crop's previous prediction, (B, 1, S, S, S) log-odds. Returns the conditioned features, (B, C, d, h, w)."""
+        ``crop_size`` (N may be 0 with a box); labels: (B, N) 1 = foreground, 0 = background (default all
+        foreground); previous: the crop's previous prediction, (B, 1, S, S, S) log-odds; box: (B, 1, S, S, S) bool,
+        the box's voxels. Returns the conditioned features, (B, C, d, h, w)."""
         clicks = self.sample(features, points, crop_size)
         labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
         clicks = clicks + self.click_type[labels.long()].to(clicks.dtype)
         if previous is not None:
             features = features + self.mask_memory(previous, features.shape[2:]).to(features.dtype)
+        if box is not None:
+            features = features + self.box_prompt(box, features.shape[2:]).to(features.dtype)
         image = features.flatten(2).transpose(1, 2)
         for layer in self.layers:
             image, clicks = layer(image, clicks)

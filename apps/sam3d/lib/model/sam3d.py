@@ -7,11 +7,12 @@ Public axis convention: a crop is a ``(D, H, W)`` array (batched: ``(B, 1, D, H,
 from dataclasses import dataclass
 from typing import List, Optional, Protocol, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clicks import Clicks
+from .clicks import Box, Clicks
 from .image_encoder import ImageEncoder3d
 from .mask_decoder import MaskDecoder3d
 from .prompt_encoder import PromptEncoder3d
@@ -57,6 +58,26 @@ def nearer_to_background(points: torch.Tensor, labels: torch.Tensor, size: int) 
     return nearest(points[labels == 0]) < nearest(points[labels == 1])
 
 
+# Nothing is kept farther outside a box than this fraction of its size per side (at least BOX_MARGIN_VOXELS): a
+# hand-drawn box is a little off, and the challenge's 2D box, drawn on the lesion's middle slice, may be narrower
+# than the lesion on other slices. A foreground click outside it widens what is kept.
+BOX_MARGIN = 0.25
+BOX_MARGIN_VOXELS = 2
+OUTSIDE_BOX_LOGIT = -20.0
+
+
+def kept_near_box(logits: torch.Tensor, box: Box, foreground: torch.Tensor) -> torch.Tensor:
+    """logits: (S, S, S) foreground log-odds of a crop; box: a ``"crop"`` box; foreground: (N, 3) foreground
+    clicks of the crop -> the log-odds with nothing beyond the box's margin (and the clicks')."""
+    kept = box.grown(BOX_MARGIN, BOX_MARGIN_VOXELS)
+    if len(foreground):
+        clicks = foreground.cpu().numpy()
+        kept = Box(np.minimum(kept.start, clicks.min(0) - BOX_MARGIN_VOXELS),
+                   np.maximum(kept.stop, clicks.max(0) + BOX_MARGIN_VOXELS + 1), "crop")
+    inside = kept.clipped(logits.shape).mask(logits.shape[0], logits.device)
+    return torch.where(inside, logits, torch.full_like(logits, OUTSIDE_BOX_LOGIT))
+
+
 class PrefixMemo(Protocol):
     """Answers already computed for one crop encoding, by their clicks: rounds of :meth:`Sam3D.correction_logits`,
     or the rule's one-object answers (:meth:`Sam3D.object_logits`)."""
@@ -95,6 +116,12 @@ class Sam3D(nn.Module):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
 
     @property
+    def box_trained(self) -> bool:
+        """Whether the box prompt was trained (its last layer has left zero); otherwise a box is served by the
+        fallback of :meth:`correction_logits`. Read from the weights: nothing needs to say so."""
+        return self.prompt_encoder.box_prompt.trained()
+
+    @property
     def device(self) -> torch.device:
         return self.image_encoder.pos_embed.device
 
@@ -116,11 +143,13 @@ class Sam3D(nn.Module):
         points: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         previous: Optional[torch.Tensor] = None,
+        box: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """points: (B, N, 3) (d, h, w) crop voxel indices; labels: (B, N) 1 = foreground, 0 = background (default
-        all foreground); previous: (B, 1, S, S, S) the crop's previous foreground log-odds, or None -> logits
-        (B, 2, S, S, S), float32."""
-        return self.decode_with_decoder_logits(encoding, points, labels, previous)[0]
+        """points: (B, N, 3) (d, h, w) crop voxel indices (N may be 0 with a box); labels: (B, N) 1 = foreground,
+        0 = background (default all foreground); previous: (B, 1, S, S, S) the crop's previous foreground
+        log-odds, or None; box: (B, 1, S, S, S) bool, the box's voxels, or None -> logits (B, 2, S, S, S),
+        float32."""
+        return self.decode_with_decoder_logits(encoding, points, labels, previous, box)[0]
 
     def decode_with_decoder_logits(
         self,
@@ -128,12 +157,13 @@ class Sam3D(nn.Module):
         points: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         previous: Optional[torch.Tensor] = None,
+        box: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`decode`, and the authors' decoder's own logits before the refiner (both (B, 2, S, S, S)), which
         training supervises too."""
         labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
         with self.autocast():
-            deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3, labels, previous)
+            deep = self.prompt_encoder(encoding.deep, points.float(), (self.crop_size,) * 3, labels, previous, box)
             logits = self.mask_decoder(encoding.prepared, deep).float()
         return self.refiner(encoding.image, logits, points, labels, previous), logits
 
@@ -144,17 +174,19 @@ class Sam3D(nn.Module):
         labels: torch.Tensor,
         previous: Optional[torch.Tensor] = None,
         memo: Optional["PrefixMemo"] = None,
+        box: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """points: (N, 3) (d, h, w) crop indices, at least one of them foreground; labels: (N,) 1 = foreground,
-        0 = background; previous: (S, S, S) the previous foreground log-odds of this crop, or None -> (S, S, S)
-        float32 foreground log-odds. Differentiable (training uses it).
+        0 = background; previous: (S, S, S) the previous foreground log-odds of this crop, or None; box: (S, S, S)
+        bool, the box's voxels, for a box-trained model (:meth:`correction_logits` serves a box otherwise) ->
+        (S, S, S) float32 foreground log-odds. Differentiable (training uses it).
 
         A model never trained on corrections answers through the rule (:func:`exclude_background`), from two
         answers that each take a set of clicks as one object's: the foreground clicks' and the background clicks'.
         ``memo`` (used without ``previous``) keeps such answers for this encoding, so that a background click after
         foreground ones decodes only the background side."""
         if self.correction_trained:
-            return self.correction_round(encoding, points, labels, previous)[0]
+            return self.correction_round(encoding, points, labels, previous, box)[0]
         points, labels, previous = self.round_inputs(encoding, points, labels, previous)
         logit = self.object_logits(encoding, points[labels == 1], previous, memo)
         if (labels == 0).any():
@@ -183,7 +215,8 @@ class Sam3D(nn.Module):
         """A round's clicks as tensors on the encoding's device, and the previous log-odds (S, S, S), detached, as
         (1, 1, S, S, S) there (or None)."""
         device = encoding.deep.device
-        points, labels = torch.as_tensor(points, device=device), torch.as_tensor(labels, device=device)
+        points = torch.as_tensor(points, dtype=torch.long, device=device).reshape(-1, 3)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
         return points, labels, None if previous is None else previous.detach().to(device)[None, None]
 
     def correction_round(
@@ -192,51 +225,76 @@ class Sam3D(nn.Module):
         points: torch.Tensor,
         labels: torch.Tensor,
         previous: Optional[torch.Tensor] = None,
+        box: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """One round of a correction-trained model (arguments as :meth:`click_logits`, background clicks as prompts
-        of their own type) -> (S, S, S) foreground log-odds after the refiner, and the decoder's own before it."""
+        of their own type; no click at all with a box) -> (S, S, S) foreground log-odds after the refiner, and the
+        decoder's own before it."""
         points, labels, previous = self.round_inputs(encoding, points, labels, previous)
-        refined, decoder = self.decode_with_decoder_logits(encoding, points[None], labels[None], previous)
+        box = None if box is None else box.to(encoding.deep.device)[None, None]
+        refined, decoder = self.decode_with_decoder_logits(encoding, points[None], labels[None], previous, box)
         # sigmoid(l1 - l0) is the two-class softmax's foreground probability
         return refined[0, 1] - refined[0, 0], decoder[0, 1] - decoder[0, 0]
 
-    def correction_logits(self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None) -> torch.Tensor:
-        """Foreground log-odds (S, S, S) after all ``clicks`` (``"crop"`` frame), for a request that carries every
-        click of the segment.
+    def correction_logits(
+        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None, box: Optional[Box] = None
+    ) -> torch.Tensor:
+        """Foreground log-odds (S, S, S) after all ``clicks`` and the ``box`` (both ``"crop"`` frame), for a
+        request that carries every prompt of the segment.
 
-        A correction-trained model replays the clicks one round each, every round seeing the previous round's
-        prediction, in the order that only the request decides (``Clicks.points_and_labels``). The same request
-        thus always gets the same answer, whoever clicked before and whether or not the server restarted.
-        ``memo`` keeps rounds already computed (a refinement that adds a click replays one round); other models
-        decode all clicks at once, through the rule (:meth:`click_logits`), reusing answers ``memo`` kept."""
+        A correction-trained model replays the prompts one round each, every round seeing the previous round's
+        prediction: the box alone first, then the clicks in the order that only the request decides
+        (``Clicks.points_and_labels``), the box seen in every round. The same request thus always gets the same
+        answer, whoever clicked before and whether or not the server restarted. ``memo`` keeps rounds already
+        computed (a refinement that adds a click replays one round; the memo must be one box's); other models
+        decode all clicks at once, through the rule (:meth:`click_logits`), reusing answers ``memo`` kept.
+
+        A model whose box prompt is untrained (the authors' checkpoints) is served a box by its fallback: the
+        box's centre as the first foreground click. Either way nothing is kept beyond the box's margin
+        (:func:`kept_near_box`)."""
+        if box is None:
+            return self.replayed_logits(encoding, clicks, memo, None)
+        if self.box_trained and self.correction_trained:
+            logits = self.replayed_logits(encoding, clicks, memo, box.mask(self.crop_size, encoding.deep.device))
+        else:
+            with_centre = Clicks(np.concatenate([box.centre[None], clicks.foreground]), clicks.background, "crop")
+            logits = self.replayed_logits(encoding, with_centre, memo, None)
+        return kept_near_box(logits, box, torch.as_tensor(clicks.foreground))
+
+    def replayed_logits(
+        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"], box: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """:meth:`correction_logits` for a model that answers ``box`` ((S, S, S) bool, or None) itself."""
         points, labels = clicks.points_and_labels(encoding.deep.device)
         if not self.correction_trained:
             return self.click_logits(encoding, points, labels, memo=memo)
-        previous, start = None, 0
+        first = 0 if box is not None else 1  # a box answers alone before any click
+        previous, start = None, first - 1
         if memo is not None:
-            for rounds in range(len(points), 0, -1):
+            for rounds in range(len(points), first - 1, -1):
                 previous = memo.get(points[:rounds], labels[:rounds])
                 if previous is not None:
                     start = rounds
                     break
-        for rounds in range(start + 1, len(points) + 1):
-            previous = self.click_logits(encoding, points[:rounds], labels[:rounds], previous)
+        for rounds in range(max(start + 1, first), len(points) + 1):
+            previous = self.click_logits(encoding, points[:rounds], labels[:rounds], previous, box=box)
             if memo is not None:
                 memo.put(points[:rounds], labels[:rounds], previous)
         return previous
 
     @torch.no_grad()
     def foreground_probability(
-        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None
+        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"] = None, box: Optional[Box] = None
     ) -> torch.Tensor:
-        """clicks: (d, h, w) indices of the encoded crop (``"crop"`` frame); memo: see :meth:`correction_logits`.
+        """clicks, box: (d, h, w) indices of the encoded crop (``"crop"`` frame); memo: see
+        :meth:`correction_logits`.
 
-        Returns (S, S, S) foreground probability; zeros when there is no foreground click."""
-        if clicks.frame != "crop":
-            raise ValueError(f"the model takes clicks in the crop's frame, not the {clicks.frame!r} frame")
-        if len(clicks.foreground) == 0:
+        Returns (S, S, S) foreground probability; zeros when there is neither a foreground click nor a box."""
+        if clicks.frame != "crop" or (box is not None and box.frame != "crop"):
+            raise ValueError(f"the model takes prompts in the crop's frame, not the {clicks.frame!r} frame")
+        if len(clicks.foreground) == 0 and box is None:
             return torch.zeros((self.crop_size,) * 3, device=encoding.deep.device)
-        return self.correction_logits(encoding, clicks, memo).sigmoid()
+        return self.correction_logits(encoding, clicks, memo, box).sigmoid()
 
     def predict_crop(
         self,

@@ -1,6 +1,6 @@
 """Simulated users for validation and evaluation, by the CVPR 2025 interactive 3D segmentation challenge's
-protocol: a first click at the lesion's deepest voxel, then each next one at the deepest voxel of the largest
-error (``simulated_user.protocol_click``).
+protocol: a first click at the lesion's deepest voxel (or the challenge's box: ``simulated_user.challenge_box``),
+then each next click at the deepest voxel of the largest error (``simulated_user.protocol_click``).
 
 Metrics are the paper's: Dice and the normalised surface Dice (NSD) at a tolerance of 5 mm, the latter with
 sub-voxel surfaces as in the DeepMind implementation the authors used.
@@ -21,7 +21,7 @@ from lib.transforms.crops import plan_crops
 from lib.transforms.grid import GridMap
 from lib.transforms.resample import ResampleToOriginalGridd
 
-from .simulated_user import CONNECTIVITY, protocol_click
+from .simulated_user import CONNECTIVITY, challenge_box, protocol_click
 
 NSD_TOLERANCE_MM = 5.0
 
@@ -48,6 +48,20 @@ def surface_dice(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[fl
 def dice_auc(dice_per_click: Sequence[float]) -> float:
     """The area under the Dice-vs-clicks curve over clicks 1..N, normalised to [0, 1]: the mean Dice."""
     return float(np.mean(dice_per_click))
+
+
+def challenge_auc(values: Sequence[float], steps: int = 5) -> float:
+    """The challenge's DSC_AUC and NSD_AUC: the trapezoid area under the last ``steps`` values (the click steps;
+    a box's step before them does not count) at unit spacing, so in [0, steps - 1]."""
+    tail = np.asarray(values[-steps:], dtype=np.float64)
+    return float(((tail[1:] + tail[:-1]) / 2).sum())
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The axis of a voxel grid (its (4, 4) voxel -> world affine, RAS or LPS) that runs most nearly
+    head to foot: the axis across axial slices, on which the challenge draws its 2D box."""
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return int(np.argmax(np.abs(directions[2])))
 
 
 def worst_drop(dice_per_click: Sequence[float]) -> float:
@@ -90,9 +104,12 @@ def lesion_scores(
     bounds: FollowBounds = FollowBounds(),
     grid: Optional[GridMap] = None,
     observe: Optional[Callable[[int, np.ndarray, int, np.ndarray, Clicks], None]] = None,
+    first: str = "click",
 ) -> List[Dict[int, Score]]:
     """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume: {n: Score} after n
-    protocol clicks for each n in ``clicks``.
+    protocol clicks for each n in ``clicks``. With ``first="box"`` each lesion starts with the challenge's box
+    (its tight 2D box on its middle axial slice, across the slices it spans) and no click, scored as n = 0, and
+    the box stays in every later request.
 
     Each request goes through the model as the server serves it (``Segmenter``: crops planned on all the clicks so
     far, a lesion that reaches a crop's face followed within ``bounds``). The next click goes on the largest error
@@ -113,19 +130,26 @@ def lesion_scores(
         lesion = components == index
         segmenter = Segmenter(model, "evaluation", BoundedCache(EVALUATION_CACHE_BYTES, CropEncoding.nbytes.fget),
                               BoundedCache(EVALUATION_CACHE_BYTES // 4, tensor_bytes), bounds)
-        first, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
-        clicks_so_far = Clicks(first[None], np.zeros((0, 3)), "image" if grid else "model")
-        scores, kinds = {}, ["foreground"]
-        for n in range(1, max(clicks) + 1):
+        frame = "image" if grid else "model"
+        box, box_request = None, None
+        if first == "box":
+            box = challenge_box(lesion, frame, slice_axis(grid.image_affine) if grid else 0)
+            box_request = grid.box_to_model(box) if grid else box
+            clicks_so_far, kinds, steps = Clicks(np.zeros((0, 3)), np.zeros((0, 3)), frame), ["box"], range(0, max(clicks) + 1)
+        else:
+            click, _ = protocol_click(np.zeros_like(lesion), lesion, spacing)
+            clicks_so_far, kinds, steps = Clicks(click[None], np.zeros((0, 3)), frame), ["foreground"], range(1, max(clicks) + 1)
+        scores = {}
+        for n in steps:
             request = grid.clicks_to_model(clicks_so_far) if grid else clicks_so_far
-            crops = plan_crops(request, volume.shape, model.crop_size)
+            crops = plan_crops(request, volume.shape, model.crop_size, box_request)
             result = segmenter.segment(volume, crops, request, "evaluation")
             if grid:
                 prediction = grid.mask_to_image(result.prob[None], result.boxes, restore.threshold, restore.resample) > 0
             else:
                 prediction = result.prob.numpy() > restore.threshold
             box = grown_box(prediction, lesion, margin=int(np.ceil(tolerance / min(spacing))) + 1)
-            if n in clicks:
+            if n in clicks or n == 0:
                 recall = float((prediction & lesion).sum() / lesion.sum())
                 scores[n] = Score(
                     dice(prediction[box], lesion[box]),

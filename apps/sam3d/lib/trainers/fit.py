@@ -19,7 +19,7 @@ from lib.model import Sam3D
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
-from .simulated_user import background_click, interior_click, protocol_click
+from .simulated_user import background_click, challenge_box, interior_click, protocol_click
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ LOSS = DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lamb
 # How often a step starts with a background click besides the first foreground one (users add them to
 # keep a mask off a neighbouring organ before any mistake shows).
 FIRST_BACKGROUND_PROBABILITY = 0.3
+# How often a session starts with a box rather than a click (then corrects it with clicks, as click-first ones).
+BOX_FIRST_PROBABILITY = 0.35
 
 
 def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, LinearLR]:
@@ -78,7 +80,8 @@ def train_step(
 ) -> float:
     """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
 
-    A user correcting a mask, simulated: the encoder runs once; a first click, then up to ``max_rounds``
+    A user correcting a mask, simulated: the encoder runs once; a first click (or a box, the challenge's with a
+    hand-drawn box's error, kept in every round), then up to ``max_rounds``
     rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction, or
     drawn inside it (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
     prompt. The loss is the mean over the rounds, so every click is taught to improve the mask; the first round's
@@ -94,7 +97,11 @@ def train_step(
             return checkpoint(model.correction_round, *inputs, use_reentrant=False)
 
     lesion = label[0, 0].bool().cpu().numpy()
-    points, labels = first_clicks(lesion, rng, background_probability)
+    box = None
+    if rng.random() < BOX_FIRST_PROBABILITY:
+        box, points, labels = challenge_box(lesion, "crop", rng=rng).mask(lesion.shape[0], label.device), [], []
+    else:
+        points, labels = first_clicks(lesion, rng, background_probability)
     previous, losses = None, []
     if rounds is None:
         rounds = 1 + int(rng.integers(0, max_rounds + 1))
@@ -106,7 +113,8 @@ def train_step(
                 break
             points.append(correction[0])
             labels.append(correction[1])
-        logit, decoder_logit = correction_round(encoding, torch.as_tensor(np.stack(points)), torch.tensor(labels), previous)
+        clicks = torch.as_tensor(np.asarray(points, dtype=np.int64).reshape(-1, 3))
+        logit, decoder_logit = correction_round(encoding, clicks, torch.tensor(labels, dtype=torch.long), previous, box)
         loss = foreground_loss(logit, label)
         losses.append(loss + DECODER_LOSS_WEIGHT * foreground_loss(decoder_logit, label) if round_index == 0 else loss)
         previous = logit.detach()

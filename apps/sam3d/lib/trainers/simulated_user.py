@@ -1,9 +1,11 @@
-"""Clicks as a radiologist gives them, simulated for training and evaluation.
+"""Clicks and boxes as a radiologist gives them, simulated for training and evaluation.
 
 A first click in training goes where a user aims: well inside the lesion (the deeper, the likelier). Correction
 clicks, in training and evaluation, follow the CVPR 2025 interactive 3D segmentation challenge
 (``protocol_click``): on the largest error of the current mask, at the point farthest from its border, a
-foreground click on missed tumour, a background click on a leak.
+foreground click on missed tumour, a background click on a leak. A box is the challenge's too (``challenge_box``):
+the lesion's tight 2D box on its middle slice and the range of slices it spans, in training with the error of a
+hand-drawn box.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -11,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from lib.model import Box
 from lib.regions import deepest_voxel, depth_in_box, grown_box
 
 # Voxels that share a face, an edge or a corner are connected (the challenge's 26-connectivity).
@@ -78,3 +81,37 @@ def protocol_click(
         index = rng.choice(weights.size, p=weights / weights.sum())
     click = np.array([s.start for s in box]) + np.array(np.unravel_index(index, depth.shape))
     return click, int(truth[tuple(click)])
+
+
+# A hand-drawn box's sides, in training: each in-plane side off the tight one by up to this fraction of the box's
+# extent, more often outward than inward (a box drawn around a lesion is loose rather than cutting it), and the
+# slice range off by up to one slice at each end.
+HAND_DRAWN_OUTWARD = 0.2
+HAND_DRAWN_INWARD = 0.1
+
+
+def challenge_box(lesion: np.ndarray, frame: str, slice_axis: int = 0, rng: Optional[np.random.Generator] = None) -> Box:
+    """The CVPR 2025 challenge's box of ``lesion`` (bool, 3D, not empty): the tight box of its voxels on its middle
+    slice along ``slice_axis`` (the median of the slices it occupies), spanning every slice it occupies; with
+    ``rng``, each side moved as a hand-drawn box's are (kept inside the array and at least one voxel wide)."""
+    slices = np.unique(np.nonzero(lesion)[slice_axis])
+    middle = np.take(lesion, slices[len(slices) // 2], axis=slice_axis)
+    in_plane = np.nonzero(middle)
+    start, stop = [], []
+    plane_axes = [a for a in range(3) if a != slice_axis]
+    for axis in range(3):
+        if axis == slice_axis:
+            low, high = int(slices[0]), int(slices[-1]) + 1
+            if rng is not None:
+                low, high = low + int(rng.integers(-1, 2)), high + int(rng.integers(-1, 2))
+        else:
+            values = in_plane[plane_axes.index(axis)]
+            low, high = int(values.min()), int(values.max()) + 1
+            if rng is not None:
+                extent = high - low
+                low -= int(round(rng.uniform(-HAND_DRAWN_INWARD, HAND_DRAWN_OUTWARD) * extent))
+                high += int(round(rng.uniform(-HAND_DRAWN_INWARD, HAND_DRAWN_OUTWARD) * extent))
+        low = min(max(low, 0), lesion.shape[axis] - 1)
+        start.append(low)
+        stop.append(min(max(high, low + 1), lesion.shape[axis]))
+    return Box(start, stop, frame)

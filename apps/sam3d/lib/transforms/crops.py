@@ -1,16 +1,17 @@
-"""Crop planning and stitching: clicks on one lesion share a crop; clicks far apart get crops of their own.
+"""Crop planning and stitching: clicks on one lesion share a crop; clicks far apart get crops of their own; a box
+gets the crop about its centre (and the clicks in it).
 
 Boxes are cubes given by their corner (``start``, voxel indices of the model's grid, never negative) and side; a box
 may run past the volume, whose outside reads as zero (the normalised mean) and is dropped when pasting back."""
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.model import Clicks
+from lib.model import Box, Clicks
 
 
 @dataclass
@@ -18,9 +19,7 @@ class Crop:
     start: Tuple[int, int, int]  # corner in volume voxels; may extend past the volume, which is zero-padded
     size: int
     clicks: Clicks  # in the crop's frame: its group's foreground clicks, the background clicks inside it
-
-    def box(self) -> Tuple[slice, ...]:
-        return box_slices(self.start, self.size)
+    box: Optional[Box] = None  # the request's box (``"model"`` frame) for the crop planned about it
 
 
 def box_slices(start: Sequence[int], size: int) -> Tuple[slice, ...]:
@@ -34,19 +33,30 @@ def crop_start(center: np.ndarray, shape: Sequence[int], size: int) -> Tuple[int
     return tuple(int(s) for s in np.clip(start, 0, upper))
 
 
-def plan_crops(clicks: Clicks, shape: Sequence[int], size: int) -> List[Crop]:
+def plan_crops(clicks: Clicks, shape: Sequence[int], size: int, box: Optional[Box] = None) -> List[Crop]:
     """``clicks`` on the model's grid (``"model"`` frame) -> crops of ``shape``'s volume. Group foreground clicks whose bounding box spans at most half a crop, so each keeps context around it.
 
     A pure function of the request (users on one image never move each other's crops). A group's crop is
     centred on its first click while every click of the group lies at least an eighth of a crop from its faces:
     clients send earlier clicks first, so a refinement click keeps the crop, and with it the cached encoding.
     Otherwise the crop is centred on the group. Background clicks go to every crop that contains them; one outside
-    all crops cannot remove anything.
+    all crops cannot remove anything. A ``box`` (``"model"`` frame) gets the first crop, centred on it, with the
+    foreground clicks that lie in the box or inside that crop away from its faces (corrections of the boxed
+    lesion); a box larger than the crop is the segmenter's to zoom out to.
     """
-    if clicks.frame != "model":
-        raise ValueError(f"crops are planned from clicks on the model's grid, not in the {clicks.frame!r} frame")
+    if clicks.frame != "model" or (box is not None and box.frame != "model"):
+        raise ValueError(f"crops are planned from prompts on the model's grid, not in the {clicks.frame!r} frame")
+    margin = size // 8
+    crops, foreground = [], clicks.foreground
+    if box is not None:
+        start = np.asarray(crop_start(box.centre, shape, size))
+        inside = np.all((foreground >= start + margin) & (foreground < start + size - margin), axis=1)
+        inside |= np.all((foreground >= box.start) & (foreground < box.stop), axis=1)
+        crops.append(Crop(tuple(int(s) for s in start), size,
+                          Clicks(foreground[inside], clicks.background, "model").in_crop(start, size), box))
+        foreground = foreground[~inside]
     groups: List[List[np.ndarray]] = []
-    for point in clicks.foreground:
+    for point in foreground:
         for group in groups:
             members = np.stack(group + [point])
             if (members.max(0) - members.min(0)).max() <= size // 2:
@@ -55,8 +65,6 @@ def plan_crops(clicks: Clicks, shape: Sequence[int], size: int) -> List[Crop]:
         else:
             groups.append([point])
 
-    margin = size // 8
-    crops = []
     for group in groups:
         members = np.stack(group)
         start = np.asarray(crop_start(members[0], shape, size))

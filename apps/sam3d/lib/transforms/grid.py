@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 
-from lib.model import Clicks
+from lib.model import Box, Clicks
 
 
 def map_indices(points: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -53,6 +53,18 @@ class GridMap:
         if clicks.frame != "image":
             raise ValueError(f"clicks_to_model maps clicks of the stored image, not of the {clicks.frame!r} frame")
         return clicks.mapped("model", lambda p: map_indices(p, self.image_affine, self.model_affine, self.model_shape))
+
+    def box_to_model(self, box: Box) -> Box:
+        """An ``"image"`` box -> the box of the model's grid that holds all of it (``"model"`` frame), clipped."""
+        if box.frame != "image":
+            raise ValueError(f"box_to_model maps a box of the stored image, not of the {box.frame!r} frame")
+        image_to_model = np.linalg.inv(self.model_affine) @ self.image_affine
+        mapped = box.mapped("model", lambda p: (image_to_model @ np.c_[p, np.ones(len(p))].T)[:3].T)
+        inside = mapped.clipped(self.model_shape)
+        if inside is None:  # rounding at the volume's edge: the nearest voxel
+            nearest = np.clip(mapped.start, 0, np.asarray(self.model_shape) - 1)
+            return Box(nearest, nearest + 1, "model")
+        return inside
 
     def image_support(self, boxes: Sequence[Tuple[Sequence[int], int]]) -> Tuple[np.ndarray, np.ndarray]:
         """The voxel box [low, high) of the stored grid whose samples can touch the voxels of ``boxes`` ((start,
