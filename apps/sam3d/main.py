@@ -18,6 +18,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 
+from lib import browser_guard
 from lib.activelearning.recency import Random
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import Uncertain
@@ -46,16 +47,20 @@ def verify_tokens_with_pyjwt2() -> None:
         auth.jwt = types.SimpleNamespace(decode=functools.partial(jwt.decode, algorithms=TOKEN_ALGORITHMS))
 
 
-def configure_server(max_bytes: int) -> None:
-    """sam3d's endpoints in place of MONAI Label's (lib/endpoints.py), and a request body limit: MONAI Label
-    copies every upload to disk without one, so one client could fill the disk. FastAPI answers 413 to bodies
-    over ``max_body_size``; MONAI Label creates its server without one, and the app exists only after the server
-    has built its middleware, so set the limit and let the server rebuild its middleware on the next request
-    (Starlette builds it when it is None)."""
+def configure_server(app_settings: Settings) -> None:
+    """sam3d's endpoints in place of MONAI Label's (lib/endpoints.py), the browser guard in place of MONAI Label's
+    allow-every-origin CORS (lib/browser_guard.py), and a request body limit: MONAI Label copies every upload to
+    disk without one, so one client could fill the disk. FastAPI answers 413 to bodies over ``max_body_size``;
+    MONAI Label creates its server without one, and the app exists only after the server has built its
+    middleware, so set both and let the server rebuild its middleware on the next request (Starlette builds it
+    when it is None)."""
     from monailabel.app import app as server  # the FastAPI server that runs this app
 
     install_endpoints(server)
-    server.max_body_size = max_bytes
+    origins = browser_guard.install(server, app_settings.allowed_hosts, app_settings.cors_origins,
+                                    settings.MONAI_LABEL_CORS_ORIGINS)
+    logger.info(f"sam3d: browser pages may use this server from its own origin{' and ' + ', '.join(origins) if origins else ' only'}")
+    server.max_body_size = app_settings.max_upload_bytes
     server.middleware_stack = None
 
 
@@ -127,7 +132,7 @@ class Sam3DApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         # Only the server calls this (not MONAI Label's training subprocess), so only it warms up and serves.
-        configure_server(self.settings.max_upload_bytes)
+        configure_server(self.settings)
         if self.task.warmup:
             self._infers[self.task.name].start_warm_up()
 

@@ -129,7 +129,8 @@ RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32")
 
 
 def check_infer_request(request: Dict[str, Any]) -> None:
-    """What a click may ask of MONAI Label's machinery around the model, checked before any of it runs."""
+    """What a click may ask of MONAI Label's machinery around the model, checked before any of it runs (an empty
+    ``result_extension`` is taken out: it means the default)."""
     def refuse(key: str, allowed: str) -> None:
         raise HTTPException(status_code=422, detail=f"{key!r} must be {allowed}, got {request[key]!r}")
 
@@ -144,6 +145,8 @@ def check_infer_request(request: Dict[str, Any]) -> None:
         value = request.get(key, required)
         if key in request and (not isinstance(value, bool) or required not in (None, value)):
             refuse(key, "true or false" if required is None else str(required).lower())
+    if request.get("result_extension") == "":  # what MONAI Label's clients send for "the default"
+        del request["result_extension"]
     if request.get("result_extension") not in (None, *RESULT_EXTENSIONS):
         refuse("result_extension", " or ".join(RESULT_EXTENSIONS))
     if request.get("result_dtype") not in (None, *RESULT_DTYPES):

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from lib.browser_guard import parse_hosts, parse_origins
 from lib.model import CONFIGS
 from lib.transforms.presets import DEFAULT_MAX_MEGAVOXELS, PRESETS
 
@@ -89,6 +90,8 @@ OPTIONS: Dict[str, Tuple[Optional[str], str]] = {
     "max_megavoxels": (str(DEFAULT_MAX_MEGAVOXELS), "millions of voxels, 1 to 1e5"),
     "max_upload_mb": ("2048", "megabytes, above 0"),
     "dicomweb_timeout": ("60", "seconds, above 0"),
+    "allowed_hosts": ("", "comma-separated host names or addresses the server answers to besides loopback's"),
+    "cors_origins": ("", "comma-separated origins (scheme://host[:port]) whose pages may use the server"),
 }
 
 
@@ -116,6 +119,8 @@ class Settings:
     max_megavoxels: float
     max_upload_bytes: int
     dicomweb_timeout: float
+    allowed_hosts: Tuple[str, ...]
+    cors_origins: Tuple[str, ...]
 
     @classmethod
     def from_conf(cls, conf: Dict[str, str], cuda_available: bool) -> "Settings":
@@ -139,6 +144,14 @@ class Settings:
         device = text["device"] or ("cuda" if cuda_available else "cpu")
         if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
             raise ValueError(f"{what('device')}: {device!r} is unknown")
+        try:
+            allowed_hosts = parse_hosts(text["allowed_hosts"])
+        except ValueError as e:
+            raise ValueError(f"{what('allowed_hosts')}: {e}") from None
+        try:
+            cors_origins = parse_origins(text["cors_origins"])
+        except ValueError as e:
+            raise ValueError(f"{what('cors_origins')}: {e}") from None
         labels = tuple(label.strip() for label in text["labels"].split(",") if label.strip())
         if not labels:
             raise ValueError(f"{what('labels')}: no label name given")
@@ -161,6 +174,8 @@ class Settings:
             max_megavoxels=parse_number(text["max_megavoxels"], what("max_megavoxels"), 1, 1e5),
             max_upload_bytes=int(parse_number(text["max_upload_mb"], what("max_upload_mb"), 1e-6, 1e9) * MEGABYTE),
             dicomweb_timeout=parse_number(text["dicomweb_timeout"], what("dicomweb_timeout"), 1e-3, 1e6),
+            allowed_hosts=allowed_hosts,
+            cors_origins=cors_origins,
         )
 
     @property

@@ -174,7 +174,11 @@ class Segmenter:
         return result
 
     def beyond_crop(self, mask: torch.Tensor, start: Sequence[int], shape: Sequence[int]) -> bool:
-        """Whether the lesion of a crop's mask may go on beyond the crop."""
+        """Whether the lesion of a crop's mask may go on beyond the crop. Never for untrained weights: their mask
+        fills the crop wherever one clicks, and following it would only spend crops (an encoder run each) on
+        noise."""
+        if self.model.weights_info.get("state") == "untrained":
+            return False
         return reaches_face(mask, start, self.size, shape) or float(mask.float().mean()) >= FILLED_CROP
 
     def encode(self, result: Segmentation, pixels: torch.Tensor, preset: str) -> Tuple[CropEncoding, str]:
