@@ -112,7 +112,7 @@ def markdown_table(rows: List[Dict], clicks: int) -> str:
     steps = range(first, clicks + 1)
     columns = [f"{metric}_{n}" for metric in ("dice", "nsd") for n in steps] + [f"recall_{first}"]
     names = {"dice": "Dice", "nsd": "NSD", "recall": "recall"}
-    header = [key, "lesions"] + [f"{names[c.split('_')[0]]}@{c.split('_')[1].replace('0', 'box')}" for c in columns]
+    header = [key, "lesions"] + [f"{names[c.split('_')[0]]}@{'box' if c.endswith('_0') else c.split('_')[1]}" for c in columns]
     header += ["Dice AUC", "worst drop", "DSC_AUC", "NSD_AUC", "background clicks", "Dice change per background click"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, chosen in grouped.items():

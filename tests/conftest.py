@@ -1,19 +1,42 @@
+"""Fixtures shared by the tests, and the fast loop's rule: ``bash scripts/test.sh --fast`` runs what starts no
+server, trains no model, and needs no browser, PACS or container (``pyproject.toml`` puts ``apps/sam3d``,
+``scripts`` and ``tests`` on the path)."""
+
 import os
 import shutil
-import sys
 from typing import List, Tuple
 
+import local_server
 import numpy as np
 import pytest
 import torch
+from local_server import copy_app, free_port, stop_server  # noqa: F401  (the test files import these from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "apps", "sam3d")
-sys.path.insert(0, APP)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+# Fixtures that start a server or train a model: every test that uses one (directly or through another fixture)
+# is marked slow. A server started outside them fails the fast loop (start_server below), so a test that starts
+# one in its own body must be marked slow by hand.
+SLOW_FIXTURES = {
+    "server", "demo_server", "slicer_server", "configured_server", "auth_server", "pacs_server",
+    "pacs_server_corrections", "large_server", "multiclass_server", "training_server", "untrained_server",
+    "limited_server", "load_server", "hostile", "store", "fuzzed_server", "upload_server", "trained_tiny", "trained_tiny_mixed", "trained_tiny_large",
+    "training_studies",
+}
+FAST = "SAM3D_TEST_FAST"  # set by scripts/test.sh --fast
 
-# The tests start servers as the scripts do; the test files import these from here.
-from local_server import copy_app, free_port, start_server, stop_server  # noqa: E402, F401
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+def start_server(*args, **kwargs):
+    """``local_server.start_server``, refused in the fast loop (a slow test that is not marked as such)."""
+    if os.environ.get(FAST):
+        raise RuntimeError("this test starts a server: use a fixture of SLOW_FIXTURES or mark it slow")
+    return local_server.start_server(*args, **kwargs)
 
 
 @pytest.fixture(scope="session")

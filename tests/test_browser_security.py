@@ -152,6 +152,7 @@ def chromium(tmp_path):
     return path
 
 
+@pytest.mark.browser
 def test_in_chromium_a_page_on_another_origin_can_neither_read_nor_write(server, tmp_path):
     """A page served from another loopback origin fetches a patient's image and posts a click that would store a
     label: the read fails in the browser, the post is refused by the server, and nothing is stored."""
@@ -189,6 +190,7 @@ def test_in_chromium_a_page_on_another_origin_can_neither_read_nor_write(server,
     assert stored(studies) == before  # and the server did not store the label
 
 
+@pytest.mark.browser
 def test_in_chromium_a_rebound_dns_name_gets_nothing(server, tmp_path):
     """A name of the attacker's that resolves to 127.0.0.1 (Chromium's resolver rules play the rebound DNS):
     the page on that name reads nothing of the server."""

@@ -13,6 +13,8 @@ import torch
 import pytest
 from scipy import ndimage
 
+pytestmark = pytest.mark.slow
+
 TRAIN, TEST = 2, 1
 CLICKS = 2
 STEPS = 2

@@ -20,10 +20,10 @@ from monailabel.client import MONAILabelClient
 from conftest import ROOT, free_port, inside_ellipsoid, mask_points_ras
 from test_readme_examples import README_URL, readme_blocks
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.container, pytest.mark.skipif(
     os.environ.get("SAM3D_CONTAINER_TEST") != "1",
     reason="the container test builds an image (minutes): set SAM3D_CONTAINER_TEST=1 to run it",
-)
+)]
 
 logger = logging.getLogger(__name__)
 IMAGE = "localhost/sam3d:latest"  # what scripts/container.sh builds and docker/compose.yaml runs

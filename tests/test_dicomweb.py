@@ -27,6 +27,8 @@ from monailabel.client.client import MONAILabelClientException
 
 from conftest import APP, free_port, inside_ellipsoid, mask_points_ras, start_server, stop_server
 
+pytestmark = pytest.mark.pacs
+
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -245,6 +247,7 @@ def request_clicks(answer):
     return json.loads(answer.request.post_data.split("\r\n\r\n", 1)[1].split("\r\n", 1)[0])
 
 
+@pytest.mark.browser
 def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
     pacs_server, dicom_series, tmp_path
 ):
@@ -320,6 +323,7 @@ def pacs_server_corrections(orthanc, touching_series, trained_tiny_mixed, tmp_pa
     stop_server(proc)
 
 
+@pytest.mark.browser
 def test_ohif_a_background_click_on_a_leak_shrinks_the_leak_and_keeps_the_lesion(
     pacs_server_corrections, touching_series, tmp_path
 ):

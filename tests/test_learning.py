@@ -14,6 +14,8 @@ from lib.trainers.evaluate import lesion_dice
 from lib.trainers.fit import fit
 from lib.transforms.presets import PRESETS
 
+pytestmark = pytest.mark.slow
+
 
 def held_out_dice(model, demo_studies):
     from make_demo_studies import STUDIES

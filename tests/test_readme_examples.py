@@ -55,8 +55,9 @@ def test_the_python_example_runs_and_reuses_the_encoding(demo_server, tmp_path):
     (block,) = readme_blocks("python")
     out = subprocess.run([sys.executable, "-c", block.replace(README_URL, url)], cwd=tmp_path, check=True,
                          capture_output=True, text=True, timeout=300).stdout
-    first, refined = out.splitlines()
+    first, refined, boxed = out.splitlines()
     assert "encoder runs:" in first and "cache hits: 1" in refined, out
-    for line in (first, refined):  # the client's own copies, in the default temporary folder: still there
+    assert "box prompt: learned" in boxed, out  # the demo weights learned the box prompt
+    for line in (first, refined, boxed):  # the client's own copies, in the default temporary folder: still there
         path = line.split()[0]
         assert nib.load(path).shape == (128, 128, 96), line

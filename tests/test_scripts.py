@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow  # runs a script that trains or clicks every lesion
 def test_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--tiny", "--repeats", "1", "--bfloat16",
@@ -26,6 +27,7 @@ def test_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
         assert row in out, row
 
 
+@pytest.mark.slow  # runs a script that trains or clicks every lesion
 def test_training_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
     figures = tmp_path / "training.json"
     out = subprocess.run(
@@ -60,6 +62,7 @@ def test_demo_studies_are_deterministic_and_hold_lesions(tmp_path, demo_studies)
     assert any(codes != ("R", "A", "S") for codes in axcodes)  # not all in the standard orientation
 
 
+@pytest.mark.slow  # runs a script that trains or clicks every lesion
 def test_evaluate_reports_every_tumour_of_an_msd_dataset(tmp_path, demo_studies):
     """An MSD-layout copy of the demo studies whose labels also hold an organ (1) beside the tumours (2):
     the kits preset evaluates the tumours only, one row per lesion, with a table and a plot."""
@@ -87,15 +90,18 @@ def test_evaluate_reports_every_tumour_of_an_msd_dataset(tmp_path, demo_studies)
     with open(out / "results.csv") as f:
         rows = f.read().splitlines()
     assert rows[0] == ("case,lesion,kind,dice_1,nsd_1,recall_1,click_1,boundary_1,dice_2,nsd_2,recall_2,click_2,boundary_2,"
-                       "dice_auc,worst_drop")
+                       "dice_auc,worst_drop,dsc_auc_challenge,nsd_auc_challenge")
     assert len(rows) - 1 == lesions
     header = rows[0].split(",")
     cells = [dict(zip(header, row.split(","))) for row in rows[1:]]
-    scores = np.array([[float(c[k]) for k in header[3:] if not k.startswith("click_")] for c in cells])
+    scores = np.array([[float(c[k]) for k in header[3:] if not k.startswith("click_") and "challenge" not in k]
+                       for c in cells])
     assert ((scores >= 0) & (scores <= 1)).all()
+    # The challenge's AUCs: trapezoids over the click steps (two clicks: one unit of width), so within [0, 1] here.
+    assert all(0 <= float(c["dsc_auc_challenge"]) <= 1 and 0 <= float(c["nsd_auc_challenge"]) <= 1 for c in cells)
     assert all(c["click_1"] == "foreground" and c["click_2"] in ("foreground", "background", "none") for c in cells)
-    assert ("| case | lesions | Dice@1 | Dice@2 | NSD@1 | NSD@2 | recall@1 | Dice AUC | worst drop | background clicks "
-            "| Dice change per background click |") in table  # no kinds: per case
+    assert ("| case | lesions | Dice@1 | Dice@2 | NSD@1 | NSD@2 | recall@1 | Dice AUC | worst drop | DSC_AUC | NSD_AUC "
+            "| background clicks | Dice change per background click |") in table  # no kinds: per case
     assert f"| all (mean per lesion) | {lesions} |" in table and (out / "results.png").stat().st_size > 0
 
 
@@ -185,19 +191,22 @@ def test_hard_lesions_are_what_their_kind_says():
     assert like_lesion(study, image)[shell(label)].mean() < 0.02
 
 
-@pytest.mark.parametrize("grid", ["model", "image"])
-def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, grid):
-    """A tiny run on one study of each kind, scored on the model's grid or the images' own: per-lesion AUC and
-    worst drop from the per-click Dice, the table's per-kind and overall means from the rows."""
+@pytest.mark.slow  # runs evaluate.py over four studies
+@pytest.mark.parametrize("grid, first", [("model", "click"), ("image", "click"), ("model", "box")])
+def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, grid, first):
+    """A tiny run on one study of each kind, scored on the model's grid or the images' own, click-first or
+    box-first: per-lesion AUCs and worst drop from the per-step Dice, the table's per-kind and overall means from
+    the rows."""
     import csv
 
     from lib.phantoms import hard_studies, write_studies
+    from lib.trainers.evaluate import challenge_auc
 
     write_studies(str(tmp_path / "hard"), studies=hard_studies(4, seed=5))
     out = tmp_path / "results"
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), str(tmp_path / "hard"), "--backbone", "tiny",
-         "--preset", "kits", "--label-value", "1", "--clicks", "3", "--grid", grid, "--out", str(out),
+         "--preset", "kits", "--label-value", "1", "--clicks", "3", "--grid", grid, "--first", first, "--out", str(out),
          *(["--pictures", "2"] if grid == "image" else [])],
         capture_output=True, text=True, timeout=900, check=True,
     )
@@ -208,20 +217,29 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, gri
         pictures = sorted(p.name for p in (out / "pictures").iterdir())
         assert pictures == sorted(f"{r['case']}_{r['lesion']}.png" for r in rows[:2])
         assert all((out / "pictures" / p).read_bytes().startswith(b"\x89PNG") for p in pictures)
-    assert f"on the {grid}'s grid" in (out / "results.md").read_text()
+    summary = (out / "results.md").read_text()
+    assert f"on the {grid}'s grid" in summary and f"first prompt: {first}" in summary
+    steps = (0, 1, 2, 3) if first == "box" else (1, 2, 3)
     for row in rows:
-        dice = [float(row[f"dice_{n}"]) for n in (1, 2, 3)]
-        assert np.isclose(float(row["dice_auc"]), np.mean(dice))
-        assert np.isclose(float(row["worst_drop"]), max(0.0, dice[0] - dice[1], dice[1] - dice[2]))
-        assert row["click_1"] == "foreground" and {row["click_2"], row["click_3"]} <= {"foreground", "background", "none"}
+        dice = [float(row[f"dice_{n}"]) for n in steps]
+        assert np.isclose(float(row["dice_auc"]), np.mean(dice[-3:]))
+        assert np.isclose(float(row["worst_drop"]), max([0.0] + [a - b for a, b in zip(dice[:-1], dice[1:])]))
+        # The challenge's DSC_AUC: trapezoids over the click steps only (the box's step before them does not count).
+        assert np.isclose(float(row["dsc_auc_challenge"]), challenge_auc(dice, 3))
+        assert np.isclose(float(row["dsc_auc_challenge"]), (dice[-3] + 2 * dice[-2] + dice[-1]) / 2)
+        assert row[f"click_{steps[0]}"] == ("box" if first == "box" else "foreground")
+        assert {row[f"click_{n}"] for n in steps[1:]} <= {"foreground", "background", "none"}
     table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
-                                              for line in (out / "results.md").read_text().splitlines() if line.startswith("| "))}
-    assert table["kind"] == ["lesions", "Dice@1", "Dice@2", "Dice@3", "NSD@1", "NSD@2", "NSD@3", "recall@1", "Dice AUC",
-                             "worst drop", "background clicks", "Dice change per background click"]
-    columns = ["dice_1", "dice_2", "dice_3", "nsd_1", "nsd_2", "nsd_3", "recall_1", "dice_auc", "worst_drop"]
+                                              for line in summary.splitlines() if line.startswith("| "))}
+    names = [("box" if n == 0 else str(n)) for n in steps]
+    assert table["kind"] == ["lesions", *[f"Dice@{n}" for n in names], *[f"NSD@{n}" for n in names], f"recall@{names[0]}",
+                             "Dice AUC", "worst drop", "DSC_AUC", "NSD_AUC", "background clicks",
+                             "Dice change per background click"]
+    columns = [f"dice_{n}" for n in steps] + [f"nsd_{n}" for n in steps] + [f"recall_{steps[0]}", "dice_auc",
+                                                                          "worst_drop", "dsc_auc_challenge", "nsd_auc_challenge"]
     for name, chosen in [(r["kind"], [r]) for r in rows] + [("all (mean per lesion)", rows)]:
         expected = [str(len(chosen))] + [f"{np.mean([float(r[c]) for r in chosen]):.3f}" for c in columns]
-        changes = [float(r[f"dice_{n}"]) - float(r[f"dice_{n - 1}"]) for r in chosen for n in (2, 3)
+        changes = [float(r[f"dice_{n}"]) - float(r[f"dice_{n - 1}"]) for r in chosen for n in steps[1:]
                    if r[f"click_{n}"] == "background"]
         expected += [str(len(changes)), f"{np.mean(changes):+.3f}" if changes else "-"]
         assert table[name] == expected, name

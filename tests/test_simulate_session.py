@@ -12,6 +12,8 @@ from scipy import ndimage
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow
+
 CASES = 3
 
 

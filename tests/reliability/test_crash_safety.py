@@ -18,6 +18,8 @@ from monailabel.client.client import MONAILabelClientException
 
 from conftest import APP, start_server, stop_server
 
+pytestmark = pytest.mark.slow
+
 IMAGE = "large_ct"  # 256^3, so that its label is large
 SHAPE = (256, 256, 256)
 DEMO_LABELS = {"demo_ct_01.nii.gz", "demo_ct_02_aniso.nii.gz", "demo_ct_03_oblique.nii.gz"}

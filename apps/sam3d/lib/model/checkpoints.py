@@ -196,7 +196,8 @@ AUTHORS_DECODER_RULES: Tuple[Rule, ...] = (
 )
 # sam3d's own prompts (prompt_encoder.py) and refiner (refiner.py): absent from the authors' files, they stay at
 # their zero start there.
-SAM3D_ONLY = ("prompt_encoder.click_type", "prompt_encoder.mask_memory.", "prompt_encoder.box_prompt.", "refiner.")
+SAM3D_ONLY = ("prompt_encoder.click_type", "prompt_encoder.box_token", "prompt_encoder.mask_memory.",
+              "prompt_encoder.box_prompt.", "refiner.")
 AUTHORS_IGNORED_WHY = {
     "attn_mask": "shifted-window mask, recomputed from the configuration",
     "cross_attn_token_to_image": "unused by the authors' forward pass",

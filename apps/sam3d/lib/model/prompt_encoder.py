@@ -2,9 +2,9 @@
 
 Clicks become tokens by sampling the image features at their locations (no positional code of their
 own); learned global queries and the click tokens then update the image embedding through two-way
-attention. sam3d adds a click-type embedding (foreground or background) to each click token, and two dense
-prompts on the image embedding (as SAM's mask prompt): the previous prediction of the crop, and a box around the
-lesion. All three start at zero, so an authors' checkpoint answers exactly as theirs until training has taught
+attention. sam3d adds a click-type embedding (foreground or background) to each click token, a box's token (the
+features at its centre, with a type of its own), and two dense prompts on the image embedding (as SAM's mask
+prompt): the previous prediction of the crop, and the box. All of them start at zero, so an authors' checkpoint answers exactly as theirs until training has taught
 them. Axis convention: feature maps
 ``(B, C, D, H, W)``, clicks ``(d, h, w)`` voxel indices of the crop.
 """
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .image_encoder import MLPBlock
+
+BOX_TOKEN = 2  # the label of a box's centre token among the click labels (1 foreground, 0 background)
 
 
 class Attention(nn.Module):
@@ -109,6 +111,9 @@ class PromptEncoder3d(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim) for _ in range(depth))
         self.click_type = nn.Parameter(torch.zeros(2, dim))  # row 0: background, row 1: foreground
+        # The token at a box's centre (label BOX_TOKEN): what the image looks like inside the box, without saying
+        # that the centre is lesion (a ring's or a C-shaped lesion's centre may not be).
+        self.box_token = nn.Parameter(torch.zeros(dim))
         self.mask_memory = MaskMemory(dim)
         self.box_prompt = BoxPrompt(dim)
 
@@ -116,8 +121,6 @@ class PromptEncoder3d(nn.Module):
     def sample(features: torch.Tensor, points: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
         """The visual sampler: features (B, C, d, h, w) read at points (B, N, 3), (d, h, w) voxel indices of a
         crop of size ``crop_size``, by trilinear interpolation -> click tokens (B, N, C)."""
-        if points.shape[1] == 0:  # a box alone
-            return features.new_zeros(points.shape[0], 0, features.shape[1], dtype=torch.float32)
         size = torch.as_tensor(crop_size, dtype=points.dtype, device=points.device)
         # Voxel centres in [-1, 1]; grid_sample wants (x, y, z) = (w, h, d).
         grid = ((points + 0.5) * 2 / size - 1).flip(-1)
@@ -135,12 +138,14 @@ class PromptEncoder3d(nn.Module):
         box: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """features: (B, C, d, h, w); points: (B, N, 3) float (d, h, w) voxel indices of a crop of size
-        ``crop_size`` (N may be 0 with a box); labels: (B, N) 1 = foreground, 0 = background (default all
+        ``crop_size``; labels: (B, N) 1 = foreground, 0 = background, BOX_TOKEN = a box's centre (default all
         foreground); previous: the crop's previous prediction, (B, 1, S, S, S) log-odds; box: (B, 1, S, S, S) bool,
         the box's voxels. Returns the conditioned features, (B, C, d, h, w)."""
         clicks = self.sample(features, points, crop_size)
         labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
-        clicks = clicks + self.click_type[labels.long()].to(clicks.dtype)
+        labels = labels.long()
+        kind = torch.where((labels == BOX_TOKEN)[..., None], self.box_token, self.click_type[labels.clamp(max=1)])
+        clicks = clicks + kind.to(clicks.dtype)
         if previous is not None:
             features = features + self.mask_memory(previous, features.shape[2:]).to(features.dtype)
         if box is not None:

@@ -15,7 +15,7 @@ from torch import nn
 from .clicks import Box, Clicks
 from .image_encoder import ImageEncoder3d
 from .mask_decoder import MaskDecoder3d
-from .prompt_encoder import PromptEncoder3d
+from .prompt_encoder import BOX_TOKEN, PromptEncoder3d
 from .refiner import Refiner
 
 
@@ -145,8 +145,8 @@ class Sam3D(nn.Module):
         previous: Optional[torch.Tensor] = None,
         box: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """points: (B, N, 3) (d, h, w) crop voxel indices (N may be 0 with a box); labels: (B, N) 1 = foreground,
-        0 = background (default all foreground); previous: (B, 1, S, S, S) the crop's previous foreground
+        """points: (B, N, 3) (d, h, w) crop voxel indices; labels: (B, N) 1 = foreground, 0 = background,
+        BOX_TOKEN = a box's centre (default all foreground); previous: (B, 1, S, S, S) the crop's previous foreground
         log-odds, or None; box: (B, 1, S, S, S) bool, the box's voxels, or None -> logits (B, 2, S, S, S),
         float32."""
         return self.decode_with_decoder_logits(encoding, points, labels, previous, box)[0]
@@ -228,7 +228,7 @@ class Sam3D(nn.Module):
         box: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """One round of a correction-trained model (arguments as :meth:`click_logits`, background clicks as prompts
-        of their own type; no click at all with a box) -> (S, S, S) foreground log-odds after the refiner, and the
+        of their own type; a box's centre token, label BOX_TOKEN) -> (S, S, S) foreground log-odds after the refiner, and the
         decoder's own before it."""
         points, labels, previous = self.round_inputs(encoding, points, labels, previous)
         box = None if box is None else box.to(encoding.deep.device)[None, None]
@@ -243,7 +243,7 @@ class Sam3D(nn.Module):
         request that carries every prompt of the segment.
 
         A correction-trained model replays the prompts one round each, every round seeing the previous round's
-        prediction: the box alone first, then the clicks in the order that only the request decides
+        prediction: the box alone first (its map and its centre's token), then the clicks in the order that only the request decides
         (``Clicks.points_and_labels``), the box seen in every round. The same request thus always gets the same
         answer, whoever clicked before and whether or not the server restarted. ``memo`` keeps rounds already
         computed (a refinement that adds a click replays one round; the memo must be one box's); other models
@@ -255,29 +255,35 @@ class Sam3D(nn.Module):
         if box is None:
             return self.replayed_logits(encoding, clicks, memo, None)
         if self.box_trained and self.correction_trained:
-            logits = self.replayed_logits(encoding, clicks, memo, box.mask(self.crop_size, encoding.deep.device))
+            logits = self.replayed_logits(encoding, clicks, memo, box)
         else:
             with_centre = Clicks(np.concatenate([box.centre[None], clicks.foreground]), clicks.background, "crop")
             logits = self.replayed_logits(encoding, with_centre, memo, None)
         return kept_near_box(logits, box, torch.as_tensor(clicks.foreground))
 
     def replayed_logits(
-        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"], box: Optional[torch.Tensor]
+        self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"], box: Optional[Box]
     ) -> torch.Tensor:
-        """:meth:`correction_logits` for a model that answers ``box`` ((S, S, S) bool, or None) itself."""
-        points, labels = clicks.points_and_labels(encoding.deep.device)
+        """:meth:`correction_logits` for a model that answers ``box`` itself (or None): the box's round is its
+        centre's token (``BOX_TOKEN``) with the box's map, and the map stays in every later round."""
+        device = encoding.deep.device
+        points, labels = clicks.points_and_labels(device)
+        dense = None
+        if box is not None:
+            points = torch.cat([torch.as_tensor(box.centre, device=device)[None], points])
+            labels = torch.cat([torch.tensor([BOX_TOKEN], device=device), labels])
+            dense = box.mask(self.crop_size, device)
         if not self.correction_trained:
             return self.click_logits(encoding, points, labels, memo=memo)
-        first = 0 if box is not None else 1  # a box answers alone before any click
-        previous, start = None, first - 1
+        previous, start = None, 0
         if memo is not None:
-            for rounds in range(len(points), first - 1, -1):
+            for rounds in range(len(points), 0, -1):
                 previous = memo.get(points[:rounds], labels[:rounds])
                 if previous is not None:
                     start = rounds
                     break
-        for rounds in range(max(start + 1, first), len(points) + 1):
-            previous = self.click_logits(encoding, points[:rounds], labels[:rounds], previous, box=box)
+        for rounds in range(start + 1, len(points) + 1):
+            previous = self.click_logits(encoding, points[:rounds], labels[:rounds], previous, box=dense)
             if memo is not None:
                 memo.put(points[:rounds], labels[:rounds], previous)
         return previous

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from lib.files import atomic_write
 from lib.model import Sam3D
+from lib.model.prompt_encoder import BOX_TOKEN
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
@@ -99,7 +100,8 @@ def train_step(
     lesion = label[0, 0].bool().cpu().numpy()
     box = None
     if rng.random() < BOX_FIRST_PROBABILITY:
-        box, points, labels = challenge_box(lesion, "crop", rng=rng).mask(lesion.shape[0], label.device), [], []
+        drawn = challenge_box(lesion, "crop", rng=rng)
+        box, points, labels = drawn.mask(lesion.shape[0], label.device), [drawn.centre], [BOX_TOKEN]
     else:
         points, labels = first_clicks(lesion, rng, background_probability)
     previous, losses = None, []
