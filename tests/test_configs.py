@@ -1,5 +1,6 @@
 """The settings read from --conf, and where the weights come from: the backbone, the SAM file, the demo."""
 
+import os
 import logging
 
 import pytest
@@ -115,3 +116,22 @@ def test_a_sam_download_is_renamed_into_place_only_when_whole_and_right(tmp_path
         assert [p.name for p in model_dir.iterdir()] == ["sam_vit_b_01e.pth"]
     finally:
         httpd.shutdown()
+
+
+def test_the_readmes_configuration_table_lists_every_option_with_its_default():
+    """One row per --conf option of lib/settings.py's OPTIONS, in the README's table, with the same default."""
+    import re
+
+    from conftest import ROOT
+    from lib.settings import OPTIONS
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    table = text[text.index("## Configuration"):text.index("Booleans accept")]
+    rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \|", table, re.M)}
+    assert set(rows) == set(OPTIONS), set(rows) ^ set(OPTIONS)
+    for name, (default, _) in OPTIONS.items():
+        if default == "":
+            assert rows[name] == "none", name
+        elif default is not None:
+            assert rows[name] == f"`{default}`", (name, rows[name], default)

@@ -88,6 +88,17 @@ class Segmentation:
         }
 
 
+@dataclass
+class Request:
+    """One request's share of the work: what every step of it reads (the pre-processed volume, the preset, the
+    background clicks, which go to every zoomed-out crop and tile they fall in) and the result it builds."""
+
+    volume: torch.Tensor  # (D, H, W) pre-processed
+    preset: str
+    background: np.ndarray  # (M, 3) ``"model"`` frame
+    result: Segmentation
+
+
 def reaches_face(mask: torch.Tensor, start: Sequence[int], size: int, shape: Sequence[int]) -> bool:
     """Whether ``mask`` (S, S, S), the prediction for the box (``start``, ``size``) of a volume of ``shape`` (seen at
     S / size of the model's spacing), covers at least FACE_CONTACT of one of the box's faces that lie inside the
@@ -108,6 +119,15 @@ def reaches_face(mask: torch.Tensor, start: Sequence[int], size: int, shape: Seq
             if int(mask.select(axis, index).sum()) >= threshold:
                 return True
     return False
+
+
+def upsampled(logits: torch.Tensor, start: Sequence[int], side: int, shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A zoomed-out crop's (S, S, S) log-odds of the box (``start``, ``side``) back at the model's spacing: (R, R, R)
+    log-odds and the bool mask of its voxels inside a volume of ``shape``."""
+    region = F.interpolate(logits[None, None], size=(side,) * 3, mode="trilinear", align_corners=False)[0, 0]
+    in_volume = torch.zeros_like(region, dtype=torch.bool)
+    in_volume[tuple(slice(0, max(0, min(side, n - s))) for s, n in zip(start, shape))] = True
+    return region, in_volume
 
 
 def plan_tiles(mask: torch.Tensor, size: int) -> List[Tuple[int, int, int]]:
@@ -145,15 +165,15 @@ class Segmenter:
     def segment(self, volume: torch.Tensor, crops: List[Crop], clicks: Clicks, preset: str) -> Segmentation:
         """volume: (D, H, W) pre-processed; crops: ``plan_crops``' for the request's ``clicks`` (``"model"`` frame),
         whose background clicks also go to the zoomed-out crops and tiles they fall in."""
-        background = clicks.background
-        result = Segmentation(torch.zeros(volume.shape))
+        request = Request(volume, preset, clicks.background, Segmentation(torch.zeros(volume.shape)))
+        result = request.result
         for crop in crops:
             if crop.box is not None and not self.fits(crop):
-                self.follow_box(result, volume, crop, background, preset)
+                self.follow_box(request, crop)
                 continue
             result.crops.append(list(crop.start))
             box = None if crop.box is None else crop.box.in_crop(crop.start, self.size)
-            logits = self.crop_logits(result, extract_box(volume, crop.start, self.size), crop.clicks, preset, box)
+            logits = self.crop_logits(request, extract_box(volume, crop.start, self.size), crop.clicks, box)
             if box is not None:  # the box says how far the lesion goes: nothing to follow
                 paste_max(result.prob, logits.sigmoid(), crop.start)
                 result.boxes.append((crop.start, self.size))
@@ -162,7 +182,7 @@ class Segmenter:
                 paste_max(result.prob, logits.sigmoid(), crop.start)
                 result.boxes.append((crop.start, self.size))
                 continue
-            followed = self.follow(result, volume, crop, logits, background, preset) if self.bounds.enabled else None
+            followed = self.follow(request, crop, logits) if self.bounds.enabled else None
             if followed is None:
                 result.growth_bounded = True
                 paste_max(result.prob, logits.sigmoid(), crop.start)
@@ -181,8 +201,9 @@ class Segmenter:
             return False
         return reaches_face(mask, start, self.size, shape) or float(mask.float().mean()) >= FILLED_CROP
 
-    def encode(self, result: Segmentation, pixels: torch.Tensor, preset: str) -> Tuple[CropEncoding, str]:
-        key = crop_key(pixels, self.version, preset)
+    def encode(self, request: Request, pixels: torch.Tensor) -> Tuple[CropEncoding, str]:
+        result = request.result
+        key = crop_key(pixels, self.version, request.preset)
         encoding = self.cache.get(key)
         if encoding is None:
             encoding = self.model.encode(pixels[None, None].to(self.model.device))
@@ -193,11 +214,11 @@ class Segmenter:
         return encoding, key
 
     def crop_logits(
-        self, result: Segmentation, pixels: torch.Tensor, clicks: Clicks, preset: str, box: Optional[Box] = None
+        self, request: Request, pixels: torch.Tensor, clicks: Clicks, box: Optional[Box] = None
     ) -> torch.Tensor:
         """A crop's foreground log-odds (S, S, S) for the request's clicks and box in it (``"crop"`` frame), every
         prompt replayed as the server replays a request (``Sam3D.correction_logits``)."""
-        encoding, key = self.encode(result, pixels, preset)
+        encoding, key = self.encode(request, pixels)
         memo = CropRounds(self.rounds, key if box is None else f"{key}/{box.key()}")
         return self.model.correction_logits(encoding, clicks, memo, box).float().cpu()
 
@@ -206,10 +227,10 @@ class Segmenter:
         start = np.asarray(crop.start)
         return bool((crop.box.start >= start).all() and (crop.box.stop <= start + self.size).all())
 
-    def follow_box(self, result: Segmentation, volume: torch.Tensor, crop: Crop, background: np.ndarray, preset: str) -> None:
+    def follow_box(self, request: Request, crop: Crop) -> None:
         """A box larger than the crop: one crop zoomed out to the box with a margin (within ``max_extent``
         crops), then refining crops over its mask, each seeing its share of the box."""
-        box = crop.box
+        box, result, volume = crop.box, request.result, request.volume
         side = int(np.ceil(box.size.max() * (1 + 2 * BOX_MARGIN)))
         limit = int(round(self.size * max(self.bounds.max_extent, 1.0)))
         if side > limit:
@@ -218,46 +239,38 @@ class Segmenter:
         scale = self.size / side
         foreground = crop.clicks.foreground + np.asarray(crop.start)
         zoomed = Clicks(self.to_box(foreground, start, scale),
-                        self.to_box(self.in_box(background, start, side), start, scale), "crop")
-        logits = self.crop_logits(result, zoomed_box(volume, start, side, self.size), zoomed, preset,
-                                  box.in_crop(start, side, scale))
+                        self.to_box(self.in_box(request.background, start, side), start, scale), "crop")
+        logits = self.crop_logits(request, zoomed_box(volume, start, side, self.size), zoomed, box.in_crop(start, side, scale))
         result.zoomed_crops.append({"start": list(start), "size": side, "zoom": round(side / self.size, 4)})
         result.follow_crops += 1
-        region = F.interpolate(logits[None, None], size=(side,) * 3, mode="trilinear", align_corners=False)[0, 0]
-        in_volume = torch.zeros_like(region, dtype=torch.bool)
-        in_volume[tuple(slice(0, max(0, min(side, n - s))) for s, n in zip(start, volume.shape))] = True
+        region, in_volume = upsampled(logits, start, side, volume.shape)
         if self.bounds.enabled:
-            band = self.band((region > 0) & in_volume)
-            self.refine(result, volume, crop, region, start, in_volume, band, background, preset, first=None)
+            self.refine(request, crop, region, start, in_volume, self.band((region > 0) & in_volume), first=None)
         region = kept_near_box(region, box.in_crop(start, side), torch.as_tensor(foreground - np.asarray(start)))
         paste_max(result.prob, region.sigmoid(), start)
         result.boxes.append((start, side))
 
     def follow(
-        self, result: Segmentation, volume: torch.Tensor, crop: Crop, logits: torch.Tensor, background: np.ndarray,
-        preset: str,
+        self, request: Request, crop: Crop, logits: torch.Tensor
     ) -> Optional[Tuple[Tuple[int, int, int], torch.Tensor]]:
         """The lesion of ``crop`` (whose log-odds ``logits`` reach a face) followed: (start, (R, R, R) log-odds) of
         the box it was followed into, or None when the bounds allowed no zoomed-out crop."""
-        coarse = self.zoom_out(result, volume, crop, background, preset)
+        coarse = self.zoom_out(request, crop)
         if coarse is None:
             return None
         start, size, coarse_logits = coarse
-        region = F.interpolate(coarse_logits[None, None], size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
-        in_volume = torch.zeros_like(region, dtype=torch.bool)
-        in_volume[tuple(slice(0, max(0, min(size, n - s))) for s, n in zip(start, volume.shape))] = True
+        region, in_volume = upsampled(coarse_logits, start, size, request.volume.shape)
         band = self.band((region > 0) & in_volume)
         # The first crop lies inside the box (both are centred on it); it is the first refining crop.
         first = box_slices(np.asarray(crop.start) - start, self.size)
         region[first] = torch.where(band[first], logits, region[first])
-        self.refine(result, volume, crop, region, start, in_volume, band, background, preset, first=crop.start)
+        self.refine(request, crop, region, start, in_volume, band, first=crop.start)
         return start, region
 
-    def zoom_out(
-        self, result: Segmentation, volume: torch.Tensor, crop: Crop, background: np.ndarray, preset: str
-    ) -> Optional[Tuple[Tuple[int, int, int], int, torch.Tensor]]:
+    def zoom_out(self, request: Request, crop: Crop) -> Optional[Tuple[Tuple[int, int, int], int, torch.Tensor]]:
         """Predict on ever larger boxes about the crop's centre, averaged down to the crop's size, until the mask
         stays off the box's faces or the bounds stop it: (start, side, (S, S, S) log-odds) of the last, or None."""
+        result, volume = request.result, request.volume
         centre = np.asarray(crop.start) + self.size // 2
         foreground = crop.clicks.foreground + np.asarray(crop.start)
         zoom, coarse = 1.0, None
@@ -270,9 +283,9 @@ class Segmenter:
             start = crop_start(centre, volume.shape, side)
             scale = self.size / side
             pixels = zoomed_box(volume, start, side, self.size)
-            inside = self.in_box(background, start, side)
+            inside = self.in_box(request.background, start, side)
             zoomed = Clicks(self.to_box(foreground, start, scale), self.to_box(inside, start, scale), "crop")
-            logits = self.crop_logits(result, pixels, zoomed, preset)
+            logits = self.crop_logits(request, pixels, zoomed)
             result.zoomed_crops.append({"start": list(start), "size": side, "zoom": round(zoom, 4)})
             result.follow_crops += 1
             coarse = (start, side, logits)
@@ -298,14 +311,14 @@ class Segmenter:
         return torch.as_tensor(inside & outside)
 
     def refine(
-        self, result: Segmentation, volume: torch.Tensor, crop: Crop, region: torch.Tensor, start: Sequence[int],
-        in_volume: torch.Tensor, band: torch.Tensor, background: np.ndarray, preset: str,
-        first: Optional[Sequence[int]],
+        self, request: Request, crop: Crop, region: torch.Tensor, start: Sequence[int], in_volume: torch.Tensor,
+        band: torch.Tensor, first: Optional[Sequence[int]],
     ) -> None:
         """Tile ``region`` (the (R, R, R) log-odds of the box at ``start``, changed in place; ``in_volume``: its
         voxels inside the volume) with crops at the model's spacing, nearest the first click (or the crop's box's
         centre) first, but for the crop already at ``first``; each decides within ``band`` only, seeing its share
         of the crop's box where the model was trained on boxes."""
+        result, volume = request.result, request.volume
         side = region.shape[0]
         start = np.asarray(start)
         upper = np.maximum(np.minimum(np.asarray(volume.shape), start + side) - self.size, 0)
@@ -329,11 +342,11 @@ class Segmenter:
             result.crops.append(list(tile))
             result.follow_crops += 1
             pixels = extract_box(volume, tile, self.size)
-            encoding, _ = self.encode(result, pixels, preset)
+            encoding, _ = self.encode(request, pixels)
             fg = self.in_box(foreground, tile) - tile
             if len(fg) == 0:
                 fg = deepest_voxel(mask.numpy())[None]
-            bg = self.in_box(background, tile) - tile
+            bg = self.in_box(request.background, tile) - tile
             points, labels = Clicks(fg, bg, "crop").points_and_labels()
             share = None
             if crop.box is not None and self.model.box_trained and self.model.correction_trained:
