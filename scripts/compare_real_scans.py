@@ -55,7 +55,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
-from evaluate import background_changes, find_cases, strip_extension  # noqa: E402
+from evaluate import background_changes  # noqa: E402
+from lib.cases import find_cases, strip_extension  # noqa: E402
 from lib.demo import DEMO_FILE  # noqa: E402
 from lib.regions import grown_box  # noqa: E402
 from lib.settings import OPTIONS  # noqa: E402
@@ -582,8 +583,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)  # it logs every click's files
-    train = find_cases(args.train_dir)[: args.limit]
-    test = find_cases(args.test_dir)[: args.test_limit or args.limit]
+    try:
+        train = find_cases(args.train_dir)[: args.limit]
+        test = find_cases(args.test_dir)[: args.test_limit or args.limit]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     shared = {case for case, _, _ in train} & {case for case, _, _ in test}
     if shared:  # the same id in both: its label would train the model it tests
         raise SystemExit(f"cases in both {args.train_dir} and {args.test_dir}: {sorted(shared)}")

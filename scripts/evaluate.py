@@ -27,7 +27,6 @@ and NSD against clicks (results.png) to --out.
 
 import argparse
 import csv
-import glob
 import logging
 import os
 import sys
@@ -40,6 +39,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
+from lib.cases import find_cases  # noqa: E402
 from lib.infers.segment import FollowBounds  # noqa: E402
 from lib.model import CONFIGS, Clicks, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
@@ -48,35 +48,6 @@ from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, challenge_auc, dice_a
 from lib.transforms.presets import PAPER_PRESETS, PRESETS, READER  # noqa: E402
 
 logger = logging.getLogger("evaluate")
-
-# The tumour's value in each paper dataset's labels (the authors' target classes).
-TUMOUR_LABEL = {"kits": 2, "lits": 2, "pancreas": 2, "colon": 1}
-EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
-
-
-def strip_extension(name: str) -> str:
-    return next((name[: -len(e)] for e in EXTENSIONS if name.endswith(e)), name)
-
-
-def find_cases(data: str) -> List[Tuple[str, str, str]]:
-    """(case id, image path, label path) in an MSD folder or a MONAI Label studies folder."""
-    if os.path.isdir(os.path.join(data, "imagesTr")):
-        images, labels = os.path.join(data, "imagesTr"), os.path.join(data, "labelsTr")
-    else:
-        images, labels = data, os.path.join(data, "labels", "final")
-    cases = []
-    for path in sorted(glob.glob(os.path.join(images, "*"))):
-        name = os.path.basename(path)
-        if name.startswith(".") or not name.endswith(EXTENSIONS):
-            continue  # MSD archives carry macOS ._ files
-        label = next((os.path.join(labels, strip_extension(name) + e) for e in EXTENSIONS
-                      if os.path.exists(os.path.join(labels, strip_extension(name) + e))), None)
-        if label:
-            cases.append((strip_extension(name), path, label))
-    if not cases:
-        raise SystemExit(f"no image with a label in {data} (expected imagesTr/labelsTr or labels/final/)")
-    return cases
-
 
 def lesion_row(case: str, lesion: int, kind: str, scores: Dict[int, Score], clicks: int) -> Dict:
     """One csv row: Dice, NSD and recall after the box (n = 0, box-first only) and each click, the AUC and worst
@@ -212,11 +183,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cases = find_cases(args.data)[: args.limit]
+    try:
+        cases = find_cases(args.data)[: args.limit]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     torch.manual_seed(0)  # what the checkpoint leaves at initialisation is the same in every run
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
     model.to(args.device).eval()
-    label_value = args.label_value or TUMOUR_LABEL.get(args.preset)
+    label_value = args.label_value or PRESETS[args.preset].tumour_value
     spacing = PRESETS[args.preset].spacing
     clicks = range(1, args.clicks + 1)
     kinds = read_lesion_kinds(args.data)

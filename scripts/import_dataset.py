@@ -43,7 +43,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
-from evaluate import EXTENSIONS, strip_extension  # noqa: E402
+from lib.cases import EXTENSIONS, strip_extension  # noqa: E402
 from lib.datastore import SafeLocalDatastore, read_header, require_label_of  # noqa: E402
 
 logger = logging.getLogger("import_dataset")

@@ -51,7 +51,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
-from evaluate import EXTENSIONS, TUMOUR_LABEL, find_cases  # noqa: E402
+from lib.cases import EXTENSIONS, find_cases  # noqa: E402
 from lib.demo import DEMO_FILE  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.trainers.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
@@ -284,7 +284,7 @@ def run_session(
         return
     by_id = {case: (image, label) for case, image, label in cases}
     kinds = read_lesion_kinds(args.data)
-    label_value = args.label_value or TUMOUR_LABEL.get(args.preset)
+    label_value = args.label_value or PRESETS[args.preset].tumour_value
     log_path = os.path.join(folder, f"server-{time.strftime('%Y%m%d-%H%M%S')}.log")
     # MONAI Label starts a scoring run (a process that loads the whole app) at every next-sample request; the
     # session uses no scoring, and those runs would take the CPU from the clicks and the training.
@@ -556,7 +556,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("monailabel.client").setLevel(logging.WARNING)  # it logs every request's files
-    cases = find_cases(args.data)[: args.limit]
+    try:
+        cases = find_cases(args.data)[: args.limit]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if len({os.path.basename(image) for _, image, _ in cases}) < len(cases) or any(
             not image.endswith(EXTENSIONS) for _, image, _ in cases):
         raise SystemExit(f"{args.data}: image file names must differ")

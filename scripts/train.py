@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from evaluate import TUMOUR_LABEL, find_cases  # noqa: E402
+from lib.cases import find_cases  # noqa: E402
 from lib.model import CONFIGS, build_sam3d  # noqa: E402
 from lib.model.build import ModelSource  # noqa: E402
 from lib.trainers.sam3d_trainer import TrainingJob, train_and_publish  # noqa: E402
@@ -49,8 +49,11 @@ def main() -> None:
     model.bfloat16 = args.bfloat16 or args.device.startswith("cuda")
     backbone = model.weights_info["backbone"]
 
-    label_value = args.label_value or TUMOUR_LABEL.get(args.preset)
-    cases = find_cases(args.data)
+    label_value = args.label_value or PRESETS[args.preset].tumour_value
+    try:
+        cases = find_cases(args.data)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     source = ModelSource(args.out, args.checkpoint, backbone, args.sam_checkpoint, model.bfloat16, args.device)
     job = TrainingJob(
         source=source,

@@ -33,13 +33,18 @@ class Preset:
     # Training augmentation: in-plane rotation and zoom only (the authors' choice for the thick-slice datasets)
     # rather than 3D zoom.
     in_plane_augmentation: bool = False
+    # The tumour's value in the labels of the dataset the preset was made for (the authors' target class); None:
+    # every non-zero voxel.
+    tumour_value: Optional[int] = None
 
 
 PAPER_PRESETS: Dict[str, Preset] = {
-    "kits": Preset("Kidney tumour (KiTS21)", (-54, 247), 59.53867, 55.457336),
-    "lits": Preset("Liver tumour (LiTS17)", (-48, 163), 60.057533, 40.198017),
-    "pancreas": Preset("Pancreas tumour (MSD Task07)", (-39, 204), 68.45214, 63.422806, in_plane_augmentation=True),
-    "colon": Preset("Colon cancer (MSD Task10)", (-57, 175), 65.175035, 32.651197, in_plane_augmentation=True),
+    "kits": Preset("Kidney tumour (KiTS21)", (-54, 247), 59.53867, 55.457336, tumour_value=2),
+    "lits": Preset("Liver tumour (LiTS17)", (-48, 163), 60.057533, 40.198017, tumour_value=2),
+    "pancreas": Preset("Pancreas tumour (MSD Task07)", (-39, 204), 68.45214, 63.422806, in_plane_augmentation=True,
+                       tumour_value=2),
+    "colon": Preset("Colon cancer (MSD Task10)", (-57, 175), 65.175035, 32.651197, in_plane_augmentation=True,
+                    tumour_value=1),
 }
 
 
