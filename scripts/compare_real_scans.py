@@ -106,7 +106,7 @@ print(json.dumps({
 }))
 """
 
-Case = Tuple[str, str, str]  # (id, image path, label path), as evaluate.find_cases gives them
+Case = Tuple[str, str, str]  # (id, image path, label path), as lib.cases.find_cases gives them
 
 
 @dataclass
