@@ -31,9 +31,9 @@ DEMO_STEPS = 400
 DEMO_LEARNING_RATE = 1e-3
 # Raised when the model or its training changes what demo weights hold (2: the full-resolution refiner; 3:
 # training zooms a quarter of its crops out, for following large lesions; 4: the decoder supervised on its own
-# too; 5: zoom-out only for lesions large enough to be followed; 6: the refiner's likeness input; 7: box-first sessions; 8: the box's centre token), so that a
+# too; 5: zoom-out only for lesions large enough to be followed; 6: the refiner's likeness input; 7: box-first sessions; 8: the box's centre token; 9: it starts as a foreground click, and the refiner maps it as one), so that a
 # model folder kept from an older version gets weights made by this one.
-DEMO_RECIPE = 8
+DEMO_RECIPE = 10
 
 
 def recipe_of(path: str) -> object:

@@ -14,6 +14,10 @@ import numpy as np
 import torch
 
 FRAMES = ("image", "model", "crop")
+# The label of a box's centre token among the model's click labels (1 foreground, 0 background): the box's round
+# is that token with the box's map. The prompt encoder gives it a type of its own, started as a foreground
+# click's; the refiner maps it as a foreground click (what makes a low-contrast lesion's first mask).
+BOX_TOKEN = 2
 
 
 @dataclass(frozen=True)

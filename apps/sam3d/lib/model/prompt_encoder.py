@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clicks import BOX_TOKEN
 from .image_encoder import MLPBlock
-
-BOX_TOKEN = 2  # the label of a box's centre token among the click labels (1 foreground, 0 background)
 
 
 class Attention(nn.Module):
@@ -111,8 +110,9 @@ class PromptEncoder3d(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim) for _ in range(depth))
         self.click_type = nn.Parameter(torch.zeros(2, dim))  # row 0: background, row 1: foreground
-        # The token at a box's centre (label BOX_TOKEN): what the image looks like inside the box, without saying
-        # that the centre is lesion (a ring's or a C-shaped lesion's centre may not be).
+        # The token at a box's centre (label BOX_TOKEN): what the image looks like inside the box. Added to the
+        # foreground type, so that it starts as a click there and learns how a box's centre differs from a click
+        # on the lesion (a ring's or a C-shaped lesion's centre may not be lesion).
         self.box_token = nn.Parameter(torch.zeros(dim))
         self.mask_memory = MaskMemory(dim)
         self.box_prompt = BoxPrompt(dim)
@@ -144,7 +144,8 @@ class PromptEncoder3d(nn.Module):
         clicks = self.sample(features, points, crop_size)
         labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device) if labels is None else labels
         labels = labels.long()
-        kind = torch.where((labels == BOX_TOKEN)[..., None], self.box_token, self.click_type[labels.clamp(max=1)])
+        # A box's token starts as a foreground click's and learns its own type from there (box_token: zero at start).
+        kind = self.click_type[labels.clamp(max=1)] + (labels == BOX_TOKEN)[..., None] * self.box_token
         clicks = clicks + kind.to(clicks.dtype)
         if previous is not None:
             features = features + self.mask_memory(previous, features.shape[2:]).to(features.dtype)

@@ -16,6 +16,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .clicks import BOX_TOKEN
+
 # Inputs, in order: intensities, decoder's foreground probability, previous foreground probability (both mapped
 # to [-1, 1]; 0 where there is none), foreground click map, background click map, and the likeness map of the
 # foreground clicks after the first.
@@ -132,7 +134,8 @@ class Refiner(nn.Module):
         intensities = image[part]
         answer = answer[part].sigmoid() * 2 - 1
         before = torch.zeros_like(answer) if previous is None else previous[part].float().sigmoid() * 2 - 1
-        maps = click_maps(points - start, labels, shape, self.sigma).to(answer)
+        # A box's centre token is mapped as a foreground click (clicks.py, BOX_TOKEN).
+        maps = click_maps(points - start, torch.where(labels == BOX_TOKEN, 1, labels), shape, self.sigma).to(answer)
         # Corrections only (every click after the first): the first click, at a lesion's centre, may show its
         # necrotic core, not what the rest of it looks like.
         corrections = points[:, 1:]

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clicks import Box, Clicks
+from .clicks import BOX_TOKEN, Box, Clicks
 from .image_encoder import ImageEncoder3d
 from .mask_decoder import MaskDecoder3d
-from .prompt_encoder import BOX_TOKEN, PromptEncoder3d
+from .prompt_encoder import PromptEncoder3d
 from .refiner import Refiner
 
 

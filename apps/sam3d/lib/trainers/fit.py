@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from lib.files import atomic_write
 from lib.model import Sam3D
-from lib.model.prompt_encoder import BOX_TOKEN
+from lib.model.clicks import BOX_TOKEN
 from lib.transforms.presets import Preset
 
 from .augment import training_crops
