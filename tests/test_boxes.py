@@ -217,3 +217,18 @@ def test_the_server_answers_a_box_alone_and_a_box_with_clicks(server):
     assert code == 200 and result["box"]["prompt"] == "centre click" and result["encoder_runs"] + result["cache_hits"] == 1
     code, refined = post_infer(url, "demo_ct_01", {"roi": roi, "foreground": [[83, 73, 47]], "background": [[72, 62, 47]]})
     assert code == 200 and refined["cache_hits"] == 1 and refined["encoder_runs"] == 0  # the box's crop, again
+
+
+def test_untrained_weights_never_follow_so_a_first_click_is_one_encoder_run():
+    """A random model's mask fills its crop wherever one clicks: weights that say so (state untrained) are not
+    followed; the same weights called trained would be."""
+    torch.manual_seed(0)
+    model = create_model(TINY).eval()
+    volume = torch.randn(90, 90, 90)
+    click = Clicks([[45, 45, 45]], np.zeros((0, 3)), "model")
+    runs = {}
+    for state in ("untrained", "trained"):
+        model.weights_info = {"state": state}
+        result = segmenter(model).segment(volume, plan_crops(click, volume.shape, TINY.crop_size), click, "kits")
+        runs[state] = (result.encoder_runs, len(result.zoomed_crops))
+    assert runs["untrained"] == (1, 0) and runs["trained"][1] > 0, runs
