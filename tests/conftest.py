@@ -21,7 +21,7 @@ SLOW_FIXTURES = {
     "server", "demo_server", "slicer_server", "configured_server", "auth_server", "pacs_server",
     "pacs_server_corrections", "large_server", "multiclass_server", "training_server", "untrained_server",
     "limited_server", "load_server", "hostile", "store", "fuzzed_server", "upload_server", "trained_tiny", "trained_tiny_mixed", "trained_tiny_large",
-    "training_studies",
+    "training_studies", "replicas",
 }
 FAST = "SAM3D_TEST_FAST"  # set by scripts/test.sh --fast
 
@@ -165,3 +165,15 @@ def trained_tiny_mixed(tmp_path_factory):
     from lib.phantoms import hard_studies, random_studies
 
     return train_tiny(tmp_path_factory, "mixed", random_studies(12) + hard_studies(12))
+
+
+def train_and_wait(client, params, seconds=600):
+    """Start a training run through ``client`` (MONAILabelClient) and wait for its end: the final status."""
+    import time
+
+    client.train_start("sam3d", params)
+    deadline = time.time() + seconds
+    while (task := client.train_status())["status"] not in ("DONE", "ERROR"):  # SUBMITTED, then RUNNING
+        assert time.time() < deadline, f"training did not finish in {seconds} s"
+        time.sleep(2)
+    return task

@@ -267,6 +267,10 @@ def train(
     trainer = app._trainers.get(model)
     if trainer is None:
         raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app trains {list(app._trainers)}")
+    if app.settings.trainer:  # replicas behind a load balancer: one of them trains, all serve what it publishes
+        raise HTTPException(status_code=409, detail=f"this replica does not train: send POST /train/{model} to the "
+                            f"trainer, {app.settings.trainer} (--conf trainer); the model it publishes in the shared "
+                            "model folder is served here from the next click on")
     try:
         trainer.check_request({"model": model, **(params or {})}, app.datastore())
     except InvalidRequest as e:

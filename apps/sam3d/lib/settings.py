@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from lib.browser_guard import parse_hosts, parse_origins
+from lib.browser_guard import origin_of, parse_hosts, parse_origins
 from lib.model import CONFIGS
 from lib.transforms.presets import DEFAULT_MAX_MEGAVOXELS, PRESETS
 
@@ -92,6 +92,7 @@ OPTIONS: Dict[str, Tuple[Optional[str], str]] = {
     "dicomweb_timeout": ("60", "seconds, above 0"),
     "allowed_hosts": ("", "comma-separated host names or addresses the server answers to besides loopback's"),
     "cors_origins": ("", "comma-separated origins (scheme://host[:port]) whose pages may use the server"),
+    "trainer": ("", "empty (this server trains) or the URL (scheme://host[:port]) of the replica that trains"),
 }
 
 
@@ -121,6 +122,7 @@ class Settings:
     dicomweb_timeout: float
     allowed_hosts: Tuple[str, ...]
     cors_origins: Tuple[str, ...]
+    trainer: Optional[str]  # the replica that trains, when it is another server (this one then answers 409)
 
     @classmethod
     def from_conf(cls, conf: Dict[str, str], cuda_available: bool) -> "Settings":
@@ -152,6 +154,10 @@ class Settings:
             cors_origins = parse_origins(text["cors_origins"])
         except ValueError as e:
             raise ValueError(f"{what('cors_origins')}: {e}") from None
+        try:
+            trainer = origin_of(text["trainer"]) if text["trainer"].strip() else None
+        except ValueError as e:
+            raise ValueError(f"{what('trainer')}: {e}") from None
         labels = tuple(label.strip() for label in text["labels"].split(",") if label.strip())
         if not labels:
             raise ValueError(f"{what('labels')}: no label name given")
@@ -176,6 +182,7 @@ class Settings:
             dicomweb_timeout=parse_number(text["dicomweb_timeout"], what("dicomweb_timeout"), 1e-3, 1e6),
             allowed_hosts=allowed_hosts,
             cors_origins=cors_origins,
+            trainer=trainer,
         )
 
     @property
