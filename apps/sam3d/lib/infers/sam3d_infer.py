@@ -181,7 +181,7 @@ class Sam3DInfer(BasicInferTask):
         if box is not None:
             data["result"]["box"] = {
                 "model_grid": {"start": box.start.tolist(), "stop": box.stop.tolist()},
-                "prompt": "learned" if self.model.box_trained and self.model.correction_trained else "centre click",
+                "prompt": "learned" if self.model.box_trained else "centre click",
             }
         return data
 

@@ -349,7 +349,7 @@ class Segmenter:
             bg = self.in_box(request.background, tile) - tile
             points, labels = Clicks(fg, bg, "crop").points_and_labels()
             share = None
-            if crop.box is not None and self.model.box_trained and self.model.correction_trained:
+            if crop.box is not None and self.model.box_trained:
                 share = crop.box.in_crop(tile, self.size)
                 share = None if share is None else share.mask(self.size)
             answer = self.model.click_logits(encoding, points, labels, region[box].clone(), box=share).float().cpu()

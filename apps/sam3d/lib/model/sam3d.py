@@ -117,9 +117,10 @@ class Sam3D(nn.Module):
 
     @property
     def box_trained(self) -> bool:
-        """Whether the box prompt was trained (its last layer has left zero); otherwise a box is served by the
-        fallback of :meth:`correction_logits`. Read from the weights: nothing needs to say so."""
-        return self.prompt_encoder.box_prompt.trained()
+        """Whether this model answers a box itself: its box prompt was trained (its last layer has left zero),
+        which only correction training does; otherwise a box is served by the fallback of
+        :meth:`correction_logits`. Read from the weights: nothing needs to say so."""
+        return self.correction_trained and self.prompt_encoder.box_prompt.trained()
 
     @property
     def device(self) -> torch.device:
@@ -254,7 +255,7 @@ class Sam3D(nn.Module):
         (:func:`kept_near_box`)."""
         if box is None:
             return self.replayed_logits(encoding, clicks, memo, None)
-        if self.box_trained and self.correction_trained:
+        if self.box_trained:
             logits = self.replayed_logits(encoding, clicks, memo, box)
         else:
             with_centre = Clicks(np.concatenate([box.centre[None], clicks.foreground]), clicks.background, "crop")
