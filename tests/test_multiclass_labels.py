@@ -14,7 +14,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 from scipy import ndimage
 
-from conftest import copy_app, start_server, stop_server
+from conftest import copy_app, start_server, stop_server, train_and_wait
 from lib.settings import Settings
 
 KIDNEY, TUMOUR = 1, 2
@@ -61,11 +61,7 @@ def multiclass_server(tmp_path_factory, demo_studies):
 def test_training_reads_the_tumour_value_and_skips_a_label_without_it(multiclass_server, tmp_path):
     url, _ = multiclass_server
     client = MONAILabelClient(url, tmpdir=str(tmp_path))
-    client.train_start("sam3d", {"steps": 2, "val_split": 0.0})
-    deadline = time.time() + 600
-    while (task := client.train_status())["status"] not in ("DONE", "ERROR"):
-        assert time.time() < deadline, "training did not finish in 10 minutes"
-        time.sleep(2)
+    task = train_and_wait(client, {"steps": 2, "val_split": 0.0})
     assert task["status"] == "DONE", task
     stats = client.info()["train_stats"]["sam3d"]
     assert stats["train_images"] == 2

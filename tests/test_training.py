@@ -14,7 +14,7 @@ import pytest
 import torch
 from monailabel.client import MONAILabelClient
 
-from conftest import copy_app, start_server, stop_server
+from conftest import copy_app, start_server, stop_server, train_and_wait
 from lib.model import build_sam3d
 
 
@@ -45,11 +45,7 @@ def test_training_publishes_a_model_that_the_next_click_uses(training_server, tm
     assert client.info()["models"]["sam3d"]["weights"]["adapters"].startswith("untrained")
     before = click_mask(client, str(tmp_path))
 
-    client.train_start("sam3d", {"steps": 20})
-    deadline = time.time() + 600
-    while (task := client.train_status())["status"] not in ("DONE", "ERROR"):  # SUBMITTED, then RUNNING
-        assert time.time() < deadline, "training did not finish in 10 minutes"
-        time.sleep(2)
+    task = train_and_wait(client, {"steps": 20})
     assert task["status"] == "DONE", task
 
     published = os.path.join(app, "model", "sam3d.pt")
