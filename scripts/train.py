@@ -5,7 +5,15 @@
 
 DATA is an MSD-layout folder (imagesTr/labelsTr) or a MONAI Label studies folder (labels/final/). Over a SAM
 backbone only the paper's parameter-efficient parts train; with no SAM checkpoint everything trains. A run
-saves its state beside --out every 25 steps and resumes from it when started again with the same settings.
+saves its state beside --out every --save-every steps and resumes from it when started again with the same
+settings and global batch (--batch-size), on any number of processes.
+
+Under torchrun it trains with PyTorch's DistributedDataParallel, one process per GPU (or CPU process, gloo),
+each drawing its share of every step's --batch-size crops; the first process saves the state and publishes:
+
+    .venv/bin/torchrun --standalone --nproc-per-node 4 scripts/train.py DATA --batch-size 4 --out sam3d.pt
+    # several nodes: the same command on each, with --nnodes 2 --node-rank N --rdzv-backend c10d
+    #   --rdzv-endpoint HOST:29400 --rdzv-id RUN in place of --standalone (docs/deployment.md)
 """
 
 import argparse
@@ -14,6 +22,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
@@ -38,10 +47,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=4e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, help="crops per step over all processes (default: one per process)")
+    parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the resumable state")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast (the default on a GPU)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank, world = join_torchrun(args)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s")
+    if args.batch_size is not None and (args.batch_size < 1 or args.batch_size % world):
+        raise SystemExit(f"--batch-size {args.batch_size}: give a positive multiple of the {world} processes")
 
     torch.manual_seed(args.seed)
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
@@ -63,14 +77,31 @@ def main() -> None:
         val=[],
         skipped={},
         options={"steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed,
-                 "activation_checkpointing": True},
+                 "activation_checkpointing": True, "batch_size": args.batch_size, "save_every": args.save_every},
         publish_path=args.out,
         stats_path=None,
         state_path=args.out + ".state",
         label_value=label_value,
     )
-    train_and_publish(model, job)
+    try:
+        train_and_publish(model, job, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     logging.info(f"{args.out}: {len(model.trained_names)} trained tensors, {args.steps} steps")
+
+
+def join_torchrun(args: argparse.Namespace) -> tuple:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) this process joins the run's process group and takes
+    its local GPU; otherwise (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import shutil
 from typing import List, Tuple
 
 import local_server
+import pacs
 import numpy as np
 import pytest
 import torch
@@ -37,6 +38,30 @@ def start_server(*args, **kwargs):
     if os.environ.get(FAST):
         raise RuntimeError("this test starts a server: use a fixture of SLOW_FIXTURES or mark it slow")
     return local_server.start_server(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("orthanc")
+    url = pacs.write_orthanc_config(folder, free_port())
+    proc = pacs.start_orthanc(folder)
+    yield url
+    pacs.stop_orthanc(proc)
+
+
+@pytest.fixture(scope="module")
+def dicom_series(orthanc, demo_studies, tmp_path_factory):
+    """{study name: local series folder}, all uploaded to Orthanc."""
+    from make_demo_studies import STUDIES
+    from make_dicom_studies import upload, write_series
+
+    out = str(tmp_path_factory.mktemp("dicom"))
+    folders = {}
+    for study in STUDIES:
+        files = write_series(os.path.join(demo_studies, f"{study.name}.nii.gz"), study.name, out)
+        upload(files, f"{orthanc}/dicom-web")
+        folders[study.name] = os.path.dirname(files[0])
+    return folders
 
 
 @pytest.fixture(scope="session")
@@ -177,3 +202,28 @@ def train_and_wait(client, params, seconds=600):
         assert time.time() < deadline, f"training did not finish in {seconds} s"
         time.sleep(2)
     return task
+
+
+class CrashingVolumes(list):
+    """Training data whose reads fail after ``limit`` of them: a run that dies in the middle."""
+
+    def __init__(self, volumes, limit):
+        super().__init__(volumes)
+        self.reads, self.limit = 0, limit
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise OSError("the disk went away")
+        return super().__getitem__(index)
+
+
+def tiny_trainable(seed=0):
+    """The tiny configuration with every parameter trained, from ``seed``'s initialisation."""
+    from lib.model import build_sam3d
+
+    torch.manual_seed(seed)
+    model = build_sam3d(backbone="tiny")
+    for p in model.parameters():
+        p.requires_grad = True
+    return model

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 import urllib.request
 from concurrent.futures import Executor, Future
@@ -26,83 +25,12 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from conftest import APP, free_port, inside_ellipsoid, mask_points_ras, start_server, stop_server
+from pacs import LPS, get_json, read_series, start_orthanc, stop_orthanc, write_orthanc_config
 
 pytestmark = pytest.mark.pacs
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
-
-
-def get_json(url):
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.load(response)
-
-
-def write_orthanc_config(folder, port):
-    config = {
-        "Name": "sam3d-test",
-        "HttpPort": port,
-        "DicomPort": free_port(),
-        "StorageDirectory": str(folder / "db"),
-        "IndexDirectory": str(folder / "db"),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [DICOMWEB_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    return f"http://127.0.0.1:{port}"
-
-
-def start_orthanc(folder):
-    """Orthanc on the configuration in ``folder`` (its database stays there across restarts); returns the process
-    once it answers."""
-    assert os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN), (
-        "Orthanc with its DICOMweb plugin is needed: apt-get install orthanc orthanc-dicomweb (scripts/test.sh does)"
-    )
-    port = json.loads((folder / "orthanc.json").read_text())["HttpPort"]
-    with open(folder / "orthanc.log", "a") as log:
-        proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while True:
-        try:
-            get_json(f"http://127.0.0.1:{port}/system")
-            return proc
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, (folder / "orthanc.log").read_text()
-            time.sleep(0.5)
-
-
-def stop_orthanc(proc):
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("orthanc")
-    url = write_orthanc_config(folder, free_port())
-    proc = start_orthanc(folder)
-    yield url
-    stop_orthanc(proc)
-
-
-@pytest.fixture(scope="module")
-def dicom_series(orthanc, demo_studies, tmp_path_factory):
-    """{study name: local series folder}, all uploaded to Orthanc."""
-    from make_demo_studies import STUDIES
-    from make_dicom_studies import upload, write_series
-
-    out = str(tmp_path_factory.mktemp("dicom"))
-    folders = {}
-    for study in STUDIES:
-        files = write_series(os.path.join(demo_studies, f"{study.name}.nii.gz"), study.name, out)
-        upload(files, f"{orthanc}/dicom-web")
-        folders[study.name] = os.path.dirname(files[0])
-    return folders
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +41,6 @@ def pacs_server(orthanc, dicom_series, trained_tiny, tmp_path_factory):
     proc, url = start_server(APP, f"{orthanc}/dicom-web", conf, str(tmp_path_factory.mktemp("logs") / "server.log"), env)
     yield url
     stop_server(proc)
-
-
-def read_series(folder):
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
-    return reader.Execute()
 
 
 def test_the_pacs_holds_the_series_with_their_tags(orthanc, dicom_series):

@@ -6,9 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from conftest import load_kits
+from conftest import CrashingVolumes, load_kits, tiny_trainable
 from lib.model import build_sam3d
 from lib.trainers.evaluate import lesion_dice
 from lib.trainers.fit import fit
@@ -99,28 +98,6 @@ def test_scored_on_the_images_own_grid_clicks_and_masks_land_where_the_model_gri
     assert np.mean(on_image) >= 0.7 and abs(np.mean(on_image) - np.mean(on_model)) <= 0.08, (on_image, on_model)
 
 
-class CrashingVolumes(list):
-    """Training data whose reads fail after ``limit`` of them: a run that dies in the middle."""
-
-    def __init__(self, volumes, limit):
-        super().__init__(volumes)
-        self.reads, self.limit = 0, limit
-
-    def __getitem__(self, index):
-        self.reads += 1
-        if self.reads > self.limit:
-            raise OSError("the disk went away")
-        return super().__getitem__(index)
-
-
-def tiny_trainable(seed=0):
-    torch.manual_seed(seed)
-    model = build_sam3d(backbone="tiny")
-    for p in model.parameters():
-        p.requires_grad = True
-    return model
-
-
 def test_a_run_that_died_resumes_where_it_stopped_and_ends_as_an_unbroken_run(training_studies, tmp_path):
     steps, state = 12, str(tmp_path / "state.pt")
     unbroken, unbroken_data = tiny_trainable(), CrashingVolumes(training_studies, limit=10**9)
@@ -161,26 +138,6 @@ def test_background_clicks_train_through_the_inference_rule(training_studies):
     with_background = torch.autograd.grad(logit.sum(), encoding.deep, retain_graph=True)[0]
     without = torch.autograd.grad(foreground_only.sum(), encoding.deep)[0]
     assert not torch.allclose(with_background, without)
-
-
-def train_replica(rank, world, port, volumes, folder):
-    """One process of a data-parallel run (spawned by the test below)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = tiny_trainable()
-    fit(model, volumes, 3, PRESETS["kits"], seed=5)
-    torch.save(model.state_dict(), os.path.join(folder, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_data_parallel_processes_train_on_different_crops_and_stay_identical(training_studies, tmp_path):
-    from conftest import free_port
-
-    torch.multiprocessing.spawn(train_replica, args=(2, free_port(), training_studies[:4], str(tmp_path)), nprocs=2)
-    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    initial = tiny_trainable().state_dict()
-    assert all(torch.equal(first[name], second[name]) for name in first)  # averaged gradients keep replicas equal
-    assert any(not torch.equal(first[name], initial[name]) for name in first)  # and they trained
 
 
 def test_the_train_task_runs_one_process_per_device_and_publishes_once(demo_studies, tmp_path):

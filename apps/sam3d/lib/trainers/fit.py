@@ -3,13 +3,15 @@ and a resumable loop (a killed run goes on from its last saved step)."""
 
 import logging
 import os
-from typing import List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from monai.losses import DiceCELoss
 from torch.optim import AdamW
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LinearLR
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -69,86 +71,102 @@ def first_clicks(lesion: np.ndarray, rng: np.random.Generator, background_probab
     return points, labels
 
 
+class SimulatedSession(torch.nn.Module):
+    """One simulated user's session on one crop as one forward pass, so that PyTorch's DistributedDataParallel,
+    which hooks into a module's forward, sees a whole step (the encoder once, the decoder once per round)."""
+
+    def __init__(self, model: Sam3D) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        crop: torch.Tensor,
+        label: torch.Tensor,
+        rng: np.random.Generator,
+        max_rounds: int = MAX_CORRECTION_ROUNDS,
+        background_probability: float = FIRST_BACKGROUND_PROBABILITY,
+        rounds: Optional[int] = None,
+    ) -> torch.Tensor:
+        """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the session's loss.
+
+        The encoder runs once; a first click (or a box, the challenge's with a hand-drawn box's error, kept in
+        every round), then up to ``max_rounds`` rounds, each adding a click at the deepest voxel of the largest
+        error of the previous round's prediction, or drawn inside it (foreground on a miss, background on a leak;
+        sometimes no click) and seeing that prediction as its mask prompt. The loss is the mean over the rounds,
+        so every click is taught to improve the mask; the first round's includes the decoder's own answer.
+        ``rounds`` (the first included) fixes the number of rounds, which is otherwise drawn from
+        1..1 + ``max_rounds`` (a benchmark times a step of known work)."""
+        model = self.model
+        model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
+        encoding = model.encode_with_grad(crop)
+        correction_round = model.correction_round
+        if model.image_encoder.gradient_checkpointing:
+            # Each round's decoder activations at full resolution (about 0.7 GiB for the paper configuration) are
+            # recomputed in the backward pass rather than kept, so a step's memory does not grow with its rounds.
+            def correction_round(*inputs):
+                return checkpoint(model.correction_round, *inputs, use_reentrant=False)
+
+        lesion = label[0, 0].bool().cpu().numpy()
+        box = None
+        if rng.random() < BOX_FIRST_PROBABILITY:
+            drawn = challenge_box(lesion, "crop", rng=rng)
+            box, points, labels = drawn.mask(lesion.shape[0], label.device), [drawn.centre], [BOX_TOKEN]
+        else:
+            points, labels = first_clicks(lesion, rng, background_probability)
+        previous, losses = None, []
+        if rounds is None:
+            rounds = 1 + int(rng.integers(0, max_rounds + 1))
+        for round_index in range(rounds):
+            if round_index and rng.random() >= NO_CLICK_PROBABILITY:
+                aim = rng if rng.random() < DRAWN_CLICK_PROBABILITY else None
+                correction = protocol_click(previous.cpu().numpy() > 0, lesion, rng=aim)
+                if correction is None:
+                    break
+                points.append(correction[0])
+                labels.append(correction[1])
+            clicks = torch.as_tensor(np.asarray(points, dtype=np.int64).reshape(-1, 3))
+            logit, decoder_logit = correction_round(encoding, clicks, torch.tensor(labels, dtype=torch.long), previous, box)
+            loss = foreground_loss(logit, label)
+            losses.append(loss + DECODER_LOSS_WEIGHT * foreground_loss(decoder_logit, label) if round_index == 0 else loss)
+            previous = logit.detach()
+        return torch.stack(losses).mean()
+
+
 def train_step(
-    model: Sam3D,
-    crop: torch.Tensor,
-    label: torch.Tensor,
+    session: Union[SimulatedSession, DistributedDataParallel],
+    crops: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    rng: np.random.Generator,
-    max_rounds: int = MAX_CORRECTION_ROUNDS,
-    background_probability: float = FIRST_BACKGROUND_PROBABILITY,
-    rounds: Optional[int] = None,
+    rngs: Sequence[np.random.Generator],
+    **session_options,
 ) -> float:
-    """crop, label: (1, 1, S, S, S), the label 0/1 with some lesion in the crop. Returns the loss.
-
-    A user correcting a mask, simulated: the encoder runs once; a first click (or a box, the challenge's with a
-    hand-drawn box's error, kept in every round), then up to ``max_rounds``
-    rounds, each adding a click at the deepest voxel of the largest error of the previous round's prediction, or
-    drawn inside it (foreground on a miss, background on a leak; sometimes no click) and seeing that prediction as its mask
-    prompt. The loss is the mean over the rounds, so every click is taught to improve the mask; the first round's
-    includes the decoder's own answer. ``rounds`` (the first included) fixes the number of rounds, which is
-    otherwise drawn from 1..1 + ``max_rounds`` (a benchmark times a step of known work)."""
-    model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
-    encoding = model.encode_with_grad(crop)
-    correction_round = model.correction_round
-    if model.image_encoder.gradient_checkpointing:
-        # Each round's decoder activations at full resolution (about 0.7 GiB for the paper configuration) are
-        # recomputed in the backward pass rather than kept, so a step's memory does not grow with its rounds.
-        def correction_round(*inputs):
-            return checkpoint(model.correction_round, *inputs, use_reentrant=False)
-
-    lesion = label[0, 0].bool().cpu().numpy()
-    box = None
-    if rng.random() < BOX_FIRST_PROBABILITY:
-        drawn = challenge_box(lesion, "crop", rng=rng)
-        box, points, labels = drawn.mask(lesion.shape[0], label.device), [drawn.centre], [BOX_TOKEN]
-    else:
-        points, labels = first_clicks(lesion, rng, background_probability)
-    previous, losses = None, []
-    if rounds is None:
-        rounds = 1 + int(rng.integers(0, max_rounds + 1))
-    for round_index in range(rounds):
-        if round_index and rng.random() >= NO_CLICK_PROBABILITY:
-            aim = rng if rng.random() < DRAWN_CLICK_PROBABILITY else None
-            correction = protocol_click(previous.cpu().numpy() > 0, lesion, rng=aim)
-            if correction is None:
-                break
-            points.append(correction[0])
-            labels.append(correction[1])
-        clicks = torch.as_tensor(np.asarray(points, dtype=np.int64).reshape(-1, 3))
-        logit, decoder_logit = correction_round(encoding, clicks, torch.tensor(labels, dtype=torch.long), previous, box)
-        loss = foreground_loss(logit, label)
-        losses.append(loss + DECODER_LOSS_WEIGHT * foreground_loss(decoder_logit, label) if round_index == 0 else loss)
-        previous = logit.detach()
-    loss = torch.stack(losses).mean()
+    """One optimiser step on this process's crops (each (1, 1, S, S, S) with its label and its generator): the
+    gradient is the mean over the crops, and under DistributedDataParallel over every process's crops (DDP
+    averages across processes in the last crop's backward pass). Returns the mean loss of the global batch."""
     optimizer.zero_grad()
-    loss.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if dist.is_initialized():
-        average_gradients(trainable)
+    total = 0.0
+    for index, (crop, label, rng) in enumerate(zip(crops, labels, rngs)):
+        last = index == len(crops) - 1
+        synchronise = session.no_sync() if isinstance(session, DistributedDataParallel) and not last else nullcontext()
+        with synchronise:
+            loss = session(crop, label, rng, **session_options)
+            (loss / len(crops)).backward()
+        total += loss.item()
+    trainable = [p for p in session.parameters() if p.requires_grad]
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()
-    return loss.item()
+    mean = torch.tensor(total / len(crops), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    return mean.item()
 
 
-def average_gradients(parameters: List[torch.nn.Parameter]) -> None:
-    """Data parallelism: every process steps with the mean gradient of all processes' crops. (PyTorch's DDP
-    hooks into one forward call of a module; a step here runs the encoder once and the decoder several times,
-    so the all-reduce is done here, once per step, over one flat buffer.)"""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in parameters:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-
-
-def step_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
-    """Each step (and each process's share of it) draws from its own seed, so a resumed run takes the same
-    crops and clicks as an unbroken one."""
-    return (seed * 1_000_003 + step * world + rank) % 2**32
+def step_seed(seed: int, step: int, index: int = 0, batch: int = 1) -> int:
+    """The seed of crop ``index`` of a step's global batch, whichever process draws it, so that a resumed run
+    takes the same crops and clicks as an unbroken one, and any number of processes the same as one."""
+    return (seed * 1_000_003 + step * batch + index) % 2**32
 
 
 def draw_crop(volumes, transform, rng: np.random.Generator, tries: int = 10) -> dict:
@@ -161,6 +179,20 @@ def draw_crop(volumes, transform, rng: np.random.Generator, tries: int = 10) -> 
     raise ValueError("no training crop with a lesion in it: are the labels empty?")
 
 
+def distributed() -> Tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def batch_share(batch_size: Optional[int], world: int) -> Tuple[int, int]:
+    """(global batch, crops per process per step): ``batch_size`` crops per step over all processes (None: one
+    per process). A batch the processes cannot share evenly is refused."""
+    batch = batch_size or world
+    if batch % world:
+        raise ValueError(f"a batch of {batch} crops cannot be shared evenly by {world} processes: give a multiple")
+    return batch, batch // world
+
+
 def fit(
     model: Sam3D,
     volumes: Sequence[Tuple[torch.Tensor, torch.Tensor]],
@@ -170,30 +202,46 @@ def fit(
     seed: int = 0,
     state_path: Optional[str] = None,
     save_every: int = 25,
+    batch_size: Optional[int] = None,
 ) -> Tuple[List[float], int]:
-    """Train ``model`` for ``steps`` crops drawn from ``volumes`` ((1, D, H, W) image, (1, D, H, W) bool label
-    pairs on the model's grid), augmented as the authors do for ``preset``. Returns the losses of all steps and
-    the step the run resumed at (0 for a fresh run).
+    """Train ``model`` for ``steps`` steps of ``batch_size`` crops (None: one per process) drawn from ``volumes``
+    ((1, D, H, W) image, (1, D, H, W) bool label pairs on the model's grid), augmented as the authors do for
+    ``preset``. Returns the losses of all steps and the step the run resumed at (0 for a fresh run).
 
-    Under torch.distributed, each process trains on its own crops with the averaged gradients; the first
-    process saves the state. With ``state_path``, the trained tensors, optimiser, schedule and losses are saved there atomically every
-    ``save_every`` steps, and a run with the same settings and starting weights resumes from them."""
+    Under torch.distributed, the model is wrapped in DistributedDataParallel and each process draws its share of
+    every step's crops; the crops a step draws depend on the seed, the step and the global batch only, so the
+    same global batch trains alike on any number of processes. The first process saves the state: with
+    ``state_path``, the trained tensors, optimiser, schedule and losses are saved there atomically every
+    ``save_every`` steps, and a run with the same settings, starting weights and global batch resumes from them,
+    whatever the number of processes."""
     optimizer, schedule = make_optimizer(model, steps, lr)
     transform = training_crops(preset, model.crop_size)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    run = {"steps": steps, "lr": lr, "seed": seed, "world": world, "start": repr(sorted(model.weights_info.items()))}
+    rank, world = distributed()
+    batch, local = batch_share(batch_size, world)
+    run = {"steps": steps, "lr": lr, "seed": seed, "batch": batch, "start": repr(sorted(model.weights_info.items()))}
     losses = resume(state_path, run, model, optimizer, schedule) if state_path else []
     resumed_at = len(losses)
     model.train()
+    session: Union[SimulatedSession, DistributedDataParallel] = SimulatedSession(model)
+    if world > 1:
+        # Unused parameters: a step's rounds and prompts (box or clicks) differ between processes. The buffers are
+        # constants (upsampling taps), so they are not broadcast before every forward.
+        device_ids = [model.device] if model.device.type == "cuda" else None
+        session = DistributedDataParallel(
+            session, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False
+        )
     progress = tqdm(range(len(losses), steps), desc="sam3d training", initial=len(losses), total=steps, disable=rank > 0)
     for step in progress:
-        rng = np.random.default_rng(step_seed(seed, step, rank, world))
-        transform.set_random_state(seed=step_seed(seed, step, rank, world))
-        crop = draw_crop(volumes, transform, rng)
-        # Plain tensors: MONAI's MetaTensor would track metadata through every operation of the model.
-        image_crop = torch.as_tensor(crop["image"]).as_subclass(torch.Tensor)[None].to(model.device)
-        label_crop = torch.as_tensor(crop["label"]).as_subclass(torch.Tensor)[None].to(model.device)
-        losses.append(train_step(model, image_crop, label_crop, optimizer, rng))
+        crops, labels, rngs = [], [], []
+        for index in range(rank * local, (rank + 1) * local):
+            rng = np.random.default_rng(step_seed(seed, step, index, batch))
+            transform.set_random_state(seed=step_seed(seed, step, index, batch))
+            crop = draw_crop(volumes, transform, rng)
+            # Plain tensors: MONAI's MetaTensor would track metadata through every operation of the model.
+            crops.append(torch.as_tensor(crop["image"]).as_subclass(torch.Tensor)[None].to(model.device))
+            labels.append(torch.as_tensor(crop["label"]).as_subclass(torch.Tensor)[None].to(model.device))
+            rngs.append(rng)
+        losses.append(train_step(session, crops, labels, optimizer, rngs))
         schedule.step()
         if (step + 1) % 50 == 0 and rank == 0:
             logger.info(f"step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
@@ -216,25 +264,41 @@ def save_state(path: str, run: dict, model: Sam3D, optimizer, schedule, losses: 
 
 def resume(path: str, run: dict, model: Sam3D, optimizer, schedule) -> List[float]:
     """Load a saved run's state if it is the same run (settings, starting weights, trained tensors);
-    -> the losses of the steps already done (empty: start afresh)."""
-    if not os.path.exists(path):
+    -> the losses of the steps already done (empty: start afresh). Under torch.distributed the first process
+    reads the file and sends what it read to the others, so that all resume alike (only its disk needs it)."""
+    state = read_state(path) if distributed()[0] == 0 else None
+    if dist.is_initialized():
+        shared = [state]
+        dist.broadcast_object_list(shared, src=0)
+        state = shared[0]
+    if state is None:
+        return []
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if state["run"] != run or state["trained"].keys() != trained.keys():
+        logger.info(f"{path} holds another run's state: starting afresh")
+        return []
+    if any(state["trained"][n].shape != p.shape for n, p in trained.items()):
+        logger.info(f"{path} holds tensors of other shapes: starting afresh")
         return []
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if state["run"] != run or state["trained"].keys() != trained.keys():
-            logger.info(f"{path} holds another run's state: starting afresh")
-            return []
-        if any(state["trained"][n].shape != p.shape for n, p in trained.items()):
-            logger.info(f"{path} holds tensors of other shapes: starting afresh")
-            return []
-        optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        with torch.no_grad():  # last, so that a failure above leaves the model as it was
-            for name, p in trained.items():
-                p.copy_(state["trained"][name])
-    except Exception as e:  # a state that cannot be read is not worth failing the run for
+        optimizer.load_state_dict(state["optimizer"])  # last: it cannot fail halfway for a state of this run
+    except Exception as e:  # a state that cannot be used is not worth failing the run for
         logger.warning(f"cannot resume from {path} ({e}): starting afresh")
         return []
+    with torch.no_grad():  # last, so that a failure above leaves the model as it was
+        for name, p in trained.items():
+            p.copy_(state["trained"][name])
     logger.info(f"resuming the run saved in {path} at step {len(state['losses'])}/{run['steps']}")
     return list(state["losses"])
+
+
+def read_state(path: str) -> Optional[dict]:
+    """A saved run's state, or None if there is none or it cannot be read."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        logger.warning(f"cannot read the saved run {path} ({e}): starting afresh")
+        return None

@@ -50,7 +50,7 @@ class TrainingJob:
 
 def run(rank: int, world: int, job: TrainingJob) -> None:
     """Train on this process's share (rank of world); rank 0 validates and publishes. With several GPUs each
-    process holds a replica and the gradients are averaged every step (data parallelism, as DDP does)."""
+    process holds a replica under DistributedDataParallel (lib/trainers/fit.py)."""
     start = time.time()
     device = job.source.device
     if world > 1:
@@ -87,6 +87,8 @@ def train_and_publish(
         options["learning_rate"],
         options["seed"],
         state_path=job.state_path,
+        save_every=options.get("save_every", 25),
+        batch_size=options.get("batch_size") or None,
     )
     if rank == 0:
         publish(job, model, losses, resumed_at, world, time.time() - start)
@@ -124,6 +126,8 @@ DEFAULT_OPTIONS = {
     "learning_rate": 4e-4,
     "val_split": 0.2,
     "seed": 0,
+    # Crops per step over all processes; 0: one per process (one per GPU).
+    "batch_size": 0,
     # Recompute encoder activations in the backward pass: a paper-configuration step then fits a modest GPU
     # (see docs/benchmarks.md) at about a third more compute.
     "activation_checkpointing": True,
@@ -131,7 +135,8 @@ DEFAULT_OPTIONS = {
     "multi_gpu": True,
 }
 # The accepted range of each numeric option: (lowest, highest).
-OPTION_RANGES = {"steps": (1, 10**6), "learning_rate": (1e-8, 1.0), "val_split": (0.0, 0.5), "seed": (0, 2**32 - 1)}
+OPTION_RANGES = {"steps": (1, 10**6), "learning_rate": (1e-8, 1.0), "val_split": (0.0, 0.5), "seed": (0, 2**32 - 1),
+                 "batch_size": (0, 1024)}
 
 
 # What MONAI Label puts into a train request itself (its client, the server, and the training process it starts).
@@ -237,8 +242,12 @@ class Sam3DTrainer(TrainTask):
 
     def check_request(self, request: Dict[str, Any], datastore: Datastore) -> None:
         """Before a run is started for ``request``: what would make it fail at once (InvalidRequest)."""
-        training_options(self.options, request)
+        options = training_options(self.options, request)
         check_gpus(request.get("gpus", "all"))
+        processes = self.processes(options)
+        if options["batch_size"] % processes:
+            raise InvalidRequest(f"training option batch_size: {options['batch_size']} crops cannot be shared evenly "
+                                 f"by this server's {processes} training processes (one per GPU): give a multiple")
         if not datastore.datalist():
             raise InvalidRequest("no images with a final label to train on: save some labels first")
 
@@ -264,9 +273,14 @@ class Sam3DTrainer(TrainTask):
             label_value=self.label_value,
         )
         logger.info(f"sam3d training: {len(job.train)} training and {len(job.val)} validation images")
-        gpus = torch.cuda.device_count() if self.source.device.startswith("cuda") else 0
-        if options["multi_gpu"] and gpus > 1:
-            torch.multiprocessing.spawn(run, args=(gpus, job), nprocs=gpus, join=True)
+        processes = self.processes(options)
+        if processes > 1:
+            torch.multiprocessing.spawn(run, args=(processes, job), nprocs=processes, join=True)
         else:
             run(0, 1, job)
         return self.stats()
+
+    def processes(self, options: Dict[str, Any]) -> int:
+        """One training process per visible GPU with ``multi_gpu``, else one."""
+        gpus = torch.cuda.device_count() if self.source.device.startswith("cuda") else 0
+        return gpus if options["multi_gpu"] and gpus > 1 else 1
