@@ -34,7 +34,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
-from lib.infers.cache import BoundedCache, CropRounds, tensor_bytes  # noqa: E402
+from lib.engine.cache import BoundedCache, CropRounds, tensor_bytes  # noqa: E402
 from lib.model import Clicks, CropEncoding, build_sam3d  # noqa: E402
 
 

@@ -26,12 +26,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
-from lib.infers.cache import BoundedCache, tensor_bytes  # noqa: E402
-from lib.infers.segment import FollowBounds, Segmenter  # noqa: E402
+from lib.engine.cache import BoundedCache, tensor_bytes  # noqa: E402
+from lib.engine.segment import FollowBounds, Segmenter  # noqa: E402
 from lib.model import CONFIGS, Clicks, CropEncoding, build_sam3d  # noqa: E402
 from lib.phantoms import large_studies, write_studies  # noqa: E402
-from lib.trainers.simulated_user import protocol_click  # noqa: E402
-from lib.trainers.data import load_labelled  # noqa: E402
+from lib.training.simulated_user import protocol_click  # noqa: E402
+from lib.training.data import load_labelled  # noqa: E402
 from lib.transforms.crops import plan_crops  # noqa: E402
 
 

@@ -28,7 +28,7 @@ from torch.optim import AdamW
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark import ReferenceModel, timed  # noqa: E402  (benchmark puts apps/sam3d on sys.path)
 from lib.model import CONFIGS, build_sam3d, freeze_backbone  # noqa: E402
-from lib.trainers import fit  # noqa: E402
+from lib.training import fit  # noqa: E402
 
 VARIANTS = {
     "reference": "reference (authors' train.py, float32)",
@@ -95,8 +95,9 @@ def ours(args, checkpoint: Optional[str], bfloat16: bool, checkpointing: bool, c
     optimizer, _ = fit.make_optimizer(model, steps=1)  # the schedule is never stepped: one step's cost
     # One foreground click, then args.rounds - 1 correction rounds (1: one decoder pass, as in the reference's
     # step); no background first click; the same seed every step, so that every repeat and variant does the same work.
+    session = fit.SimulatedSession(model)
     return lambda: fit.train_step(
-        model, crop, label, optimizer, np.random.default_rng(0), background_probability=0.0, rounds=args.rounds
+        session, [crop], [label], optimizer, [np.random.default_rng(0)], background_probability=0.0, rounds=args.rounds
     )
 
 

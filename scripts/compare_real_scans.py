@@ -18,10 +18,10 @@ the other (they would share the CPUs), the script:
   best model at the end of every epoch, so it is given many epochs and stopped with DELETE /train/ when the
   budget is spent; it then serves the last model published, if any (checked in the server's log);
 - clicks every lesion of the test images (26-connected component of the label) by the CVPR 2025 challenge's
-  protocol (lib/trainers/simulated_user.py protocol_click: the first click at the lesion's deepest voxel, each
+  protocol (lib/training/simulated_user.py protocol_click: the first click at the lesion's deepest voxel, each
   next at the deepest voxel of the largest error, foreground on a miss, background on a leak), each click a
   request with all of the lesion's clicks so far as [i, j, k] voxel indices of the image, as Slicer sends them;
-  the returned mask must lie on the image's grid, and is scored there as lib.trainers.evaluate.lesion_scores
+  the returned mask must lie on the image's grid, and is scored there as lib.training.evaluate.lesion_scores
   scores it (Dice, NSD at 5 mm, within the lesion's box grown by the tolerance).
 
 Writes to --out: comparison.md (one row per model: what it was given and what it scored; also printed),
@@ -60,8 +60,8 @@ from lib.cases import find_cases, strip_extension  # noqa: E402
 from lib.demo import DEMO_FILE  # noqa: E402
 from lib.regions import grown_box  # noqa: E402
 from lib.settings import OPTIONS  # noqa: E402
-from lib.trainers.evaluate import NSD_TOLERANCE_MM, dice, dice_auc, surface_dice, worst_drop  # noqa: E402
-from lib.trainers.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
+from lib.training.evaluate import NSD_TOLERANCE_MM, dice, dice_auc, surface_dice, worst_drop  # noqa: E402
+from lib.training.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 from local_server import APP, copy_app, start_server, stop_server  # noqa: E402
 from simulate_session import header, read_ijk  # noqa: E402

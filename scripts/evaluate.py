@@ -5,7 +5,7 @@
 
 DATA is an MSD-layout folder (imagesTr/ and labelsTr/, e.g. Task07_Pancreas) or a MONAI Label studies folder
 (images beside labels/final/). Each lesion (connected component of the tumour label) is clicked by the CVPR 2025
-interactive 3D segmentation challenge's protocol (lib/trainers/simulated_user.py protocol_click): the first click at its
+interactive 3D segmentation challenge's protocol (lib/training/simulated_user.py protocol_click): the first click at its
 deepest voxel, each next one at the deepest voxel of the largest error, foreground on a miss, background on a
 leak. Each request is served as the server serves it: crops planned on the clicks so far, and a lesion whose mask
 reaches a crop's face followed beyond it (zoomed out, then refined) within --follow-max-extent and
@@ -40,11 +40,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
 from lib.cases import find_cases  # noqa: E402
-from lib.infers.segment import FollowBounds  # noqa: E402
+from lib.engine.segment import FollowBounds  # noqa: E402
 from lib.model import CONFIGS, Clicks, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
-from lib.trainers.data import load_labelled, load_on_image_grid  # noqa: E402
-from lib.trainers.evaluate import NSD_TOLERANCE_MM, Score, challenge_auc, dice_auc, lesion_scores, worst_drop  # noqa: E402
+from lib.training.data import load_labelled, load_on_image_grid  # noqa: E402
+from lib.training.evaluate import NSD_TOLERANCE_MM, Score, challenge_auc, dice_auc, lesion_scores, worst_drop  # noqa: E402
 from lib.transforms.presets import PAPER_PRESETS, PRESETS, READER  # noqa: E402
 
 logger = logging.getLogger("evaluate")

@@ -11,7 +11,7 @@ of the app and a fresh studies folder holding the images only, and acts as a rad
 
 - asks for the next sample (/activelearning/{strategy});
 - clicks each lesion (26-connected component of the tumour label) by the challenge protocol that
-  scripts/evaluate.py follows (lib/trainers/simulated_user.py protocol_click, here on the image's own grid and
+  scripts/evaluate.py follows (lib/training/simulated_user.py protocol_click, here on the image's own grid and
   spacing), one segment per lesion, until the returned mask reaches --target Dice or --max-clicks clicks;
 - saves the ground truth's tumour mask as the image's `final` label (what the radiologist ends with);
 - every K saved labels, POST /train/sam3d (--train-steps steps on all saved labels, from the model in use) and
@@ -54,8 +54,8 @@ sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 from lib.cases import EXTENSIONS, find_cases  # noqa: E402
 from lib.demo import DEMO_FILE  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
-from lib.trainers.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
-from lib.trainers.evaluate import dice  # noqa: E402
+from lib.training.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
+from lib.training.evaluate import dice  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 from local_server import copy_app, start_server, stop_server  # noqa: E402
 

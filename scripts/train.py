@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from lib.cases import find_cases  # noqa: E402
 from lib.model import CONFIGS, build_sam3d  # noqa: E402
 from lib.model.build import ModelSource  # noqa: E402
-from lib.trainers.sam3d_trainer import TrainingJob, train_and_publish  # noqa: E402
+from lib.training.job import TrainingJob, train_and_publish  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 
 

@@ -129,7 +129,7 @@ def mask_points_ras(mask):
 
 def load_kits(folder, name):
     """A study of a datastore folder, pre-processed with the kits preset: (1, D, H, W) image and bool label."""
-    from lib.trainers.data import load_labelled
+    from lib.training.data import load_labelled
 
     return load_labelled(
         os.path.join(folder, f"{name}.nii.gz"), os.path.join(folder, "labels", "final", f"{name}.nii.gz"), "kits"
@@ -151,7 +151,7 @@ def training_studies(tmp_path_factory):
 def trained_tiny(tmp_path_factory, training_studies):
     """The tiny configuration trained for 400 steps on the training studies: (checkpoint path, losses)."""
     from lib.model import build_sam3d, save_sam3d
-    from lib.trainers.fit import fit
+    from lib.training.fit import fit
     from lib.transforms.presets import PRESETS
 
     torch.manual_seed(0)
@@ -169,7 +169,7 @@ def train_tiny(tmp_path_factory, name: str, studies) -> Tuple[str, List[float]]:
     folder and loaded as the kits preset does: (checkpoint path, losses)."""
     from lib.model import build_sam3d, save_sam3d
     from lib.phantoms import write_studies
-    from lib.trainers.fit import fit
+    from lib.training.fit import fit
     from lib.transforms.presets import PRESETS
 
     folder = str(tmp_path_factory.mktemp(f"training_{name}"))

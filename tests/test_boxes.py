@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lib.errors import InvalidRequest
-from lib.infers.cache import BoundedCache, tensor_bytes
-from lib.infers.segment import Segmenter
+from lib.engine.cache import BoundedCache, tensor_bytes
+from lib.engine.segment import Segmenter
 from lib.model import CONFIGS, Box, Clicks, CropEncoding, create_model
 from lib.model.sam3d import OUTSIDE_BOX_LOGIT
-from lib.trainers.evaluate import challenge_auc, slice_axis
-from lib.trainers.simulated_user import challenge_box
+from lib.training.evaluate import challenge_auc, slice_axis
+from lib.training.simulated_user import challenge_box
 from lib.transforms.crops import plan_crops
 from lib.transforms.grid import GridMap
 from lib.transforms.request_clicks import parse_box, validate_clicks

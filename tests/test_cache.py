@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from lib.infers.cache import BoundedCache, crop_key, file_key
+from lib.engine.cache import BoundedCache, crop_key, file_key
 from lib.model import CropEncoding
 
 

@@ -55,7 +55,7 @@ def infer_requests(log_path):
 @pytest.mark.timeout(240)
 def test_sam3d_is_trained_and_clicked_through_rest_without_seeing_a_test_label(split, tmp_path):
     from compare_real_scans import main
-    from lib.trainers.simulated_user import protocol_click
+    from lib.training.simulated_user import protocol_click
 
     train, test, test_ids = split
     out, workdir = tmp_path / "out", tmp_path / "work"

@@ -62,7 +62,7 @@ def test_checkpointed_training_rounds_compute_the_same_step_and_hold_little_memo
     import torch
 
     from lib.model import CONFIGS, build_sam3d
-    from lib.trainers import fit
+    from lib.training import fit
 
     size = CONFIGS["tiny"].crop_size
     crop = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(0))
@@ -77,8 +77,8 @@ def test_checkpointed_training_rounds_compute_the_same_step_and_hold_little_memo
         SavedForBackward.live = SavedForBackward.peak = 0
         with torch.autograd.graph.saved_tensors_hooks(SavedForBackward, lambda saved: saved.tensor):
             loss = fit.train_step(
-                model, crop, label, torch.optim.SGD(trainable, lr=0.0), np.random.default_rng(0),
-                background_probability=0.0, rounds=rounds,
+                fit.SimulatedSession(model), [crop], [label], torch.optim.SGD(trainable, lr=0.0),
+                [np.random.default_rng(0)], background_probability=0.0, rounds=rounds,
             )
         return loss, [p.grad for p in trainable], SavedForBackward.peak
 

@@ -256,7 +256,7 @@ def test_ohif_a_background_click_on_a_leak_shrinks_the_leak_and_keeps_the_lesion
     mask must have lost much of the leak and kept the lesion; the viewport still shows a mask."""
     from playwright.sync_api import sync_playwright
 
-    from lib.trainers.simulated_user import CONNECTIVITY, interior_click
+    from lib.training.simulated_user import CONNECTIVITY, interior_click
 
     name, _, truth = touching_series
     lesion_point = truth.TransformIndexToPhysicalPoint(

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from conftest import ROOT, CrashingVolumes, free_port, tiny_trainable as trainable
 from lib.model import build_sam3d
-from lib.trainers.fit import fit
+from lib.training.fit import fit
 from lib.transforms.presets import PRESETS
 
 pytestmark = pytest.mark.slow

@@ -88,11 +88,11 @@ def test_one_click_covers_a_lesion_larger_than_the_crop_and_a_second_click_reuse
 def test_a_lesion_inside_one_crop_gives_the_same_mask_as_before(trained_tiny_large, demo_studies):
     """The demo lesions fit a 32 mm crop: the served probability is the one crop's, as before following existed
     (the crop planned on the click, encoded, decoded, pasted into zeros)."""
-    from lib.infers.cache import BoundedCache, tensor_bytes
-    from lib.infers.segment import Segmenter
+    from lib.engine.cache import BoundedCache, tensor_bytes
+    from lib.engine.segment import Segmenter
     from lib.model import Clicks, CropEncoding, build_sam3d
     from lib.transforms.crops import extract_crop, paste_max, plan_crops
-    from lib.trainers.simulated_user import interior_click
+    from lib.training.simulated_user import interior_click
 
     model = build_sam3d(checkpoint=trained_tiny_large)
     segmenter = Segmenter(model, "test", BoundedCache(2**28, CropEncoding.nbytes.fget), BoundedCache(2**26, tensor_bytes))
@@ -111,7 +111,7 @@ def test_a_lesion_inside_one_crop_gives_the_same_mask_as_before(trained_tiny_lar
 
 
 def test_a_mask_reaches_a_face_only_inside_the_volume_and_only_with_more_than_a_speck():
-    from lib.infers.segment import reaches_face
+    from lib.engine.segment import reaches_face
 
     mask = torch.zeros(32, 32, 32, dtype=torch.bool)
     mask[10:20, 10:20, 0:12] = True  # 100 voxels on the face w = 0, a tenth of it
@@ -128,7 +128,7 @@ def test_a_mask_reaches_a_face_only_inside_the_volume_and_only_with_more_than_a_
 
 
 def test_refining_tiles_cover_the_mask_side_by_side_with_a_margin():
-    from lib.infers.segment import plan_tiles
+    from lib.engine.segment import plan_tiles
 
     mask = torch.zeros(120, 120, 120, dtype=torch.bool)
     mask[20:90, 30:60, 40:41] = True  # 70 x 30 x 1 voxels

@@ -9,8 +9,8 @@ import torch
 
 from conftest import CrashingVolumes, load_kits, tiny_trainable
 from lib.model import build_sam3d
-from lib.trainers.evaluate import lesion_dice
-from lib.trainers.fit import fit
+from lib.training.evaluate import lesion_dice
+from lib.training.fit import fit
 from lib.transforms.presets import PRESETS
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_corrections_improve_the_mask_on_held_out_hard_lesions(trained_tiny_mixe
     leaks included, and none may undo what earlier clicks got. Before the mask memory and correction rounds a click cost 0.09 Dice on average;
     before the full-resolution refiner five clicks gained 0.001 (docs/evaluation.md)."""
     from lib.phantoms import hard_studies, write_studies
-    from lib.trainers.evaluate import lesion_scores, worst_drop
+    from lib.training.evaluate import lesion_scores, worst_drop
 
     studies = hard_studies(8, seed=3000)
     write_studies(str(tmp_path), studies=studies)
@@ -76,8 +76,8 @@ def test_scored_on_the_images_own_grid_clicks_and_masks_land_where_the_model_gri
     returns them. On held-out phantoms whose stored grids are anisotropic, oblique or permuted, the first mask
     scores about as on the model's grid; a click or a mask taken through a wrong affine would miss the lesion."""
     from lib.phantoms import hard_studies, write_studies
-    from lib.trainers.data import load_on_image_grid
-    from lib.trainers.evaluate import lesion_scores
+    from lib.training.data import load_on_image_grid
+    from lib.training.evaluate import lesion_scores
 
     studies = hard_studies(6, seed=3000)
     write_studies(str(tmp_path), studies=studies)
@@ -143,7 +143,7 @@ def test_background_clicks_train_through_the_inference_rule(training_studies):
 def test_the_train_task_runs_one_process_per_device_and_publishes_once(demo_studies, tmp_path):
     from conftest import free_port
     from lib.model.build import ModelSource
-    from lib.trainers.sam3d_trainer import TrainingJob, run
+    from lib.training.job import TrainingJob, run
 
     names = ["demo_ct_01", "demo_ct_02_aniso", "demo_ct_03_oblique"]
     pairs = [{"image": os.path.join(demo_studies, f"{n}.nii.gz"),

@@ -200,7 +200,7 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, gri
     import csv
 
     from lib.phantoms import hard_studies, write_studies
-    from lib.trainers.evaluate import challenge_auc
+    from lib.training.evaluate import challenge_auc
 
     write_studies(str(tmp_path / "hard"), studies=hard_studies(4, seed=5))
     out = tmp_path / "results"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.trainers.simulated_user import background_click, interior_click, protocol_click
+from lib.training.simulated_user import background_click, interior_click, protocol_click
 
 
 def ball(shape, centre, radius):
@@ -60,7 +60,7 @@ def test_the_deepest_voxel_found_in_the_regions_box_is_the_whole_arrays_also_at_
 def test_training_crops_keep_the_crop_size_the_label_binary_and_slices_unmixed_for_thick_slice_presets():
     import torch
 
-    from lib.trainers.augment import training_crops
+    from lib.training.augment import training_crops
     from lib.transforms.presets import PRESETS
 
     image = torch.arange(60, dtype=torch.float32)[:, None, None].expand(60, 50, 50)[None].clone()  # value = slice
@@ -81,7 +81,7 @@ def test_training_crops_keep_the_crop_size_the_label_binary_and_slices_unmixed_f
 def test_training_crops_of_a_volume_thinner_than_the_crop_are_zero_padded_as_serving_pads():
     import torch
 
-    from lib.trainers.augment import training_crops
+    from lib.training.augment import training_crops
     from lib.transforms.presets import PRESETS
 
     # 20 slices and 24 columns: thinner than the 32-voxel crop (and its 38-voxel first crop) in two axes, as
@@ -112,7 +112,7 @@ def test_mask_uncertainty_is_zero_for_a_crisp_mask_and_grows_with_undecided_voxe
 
 
 def test_the_protocol_click_is_the_deepest_voxel_of_the_largest_error_with_its_sign():
-    from lib.trainers.simulated_user import protocol_click
+    from lib.training.simulated_user import protocol_click
 
     shape = (48, 48, 56)
     lesion, satellite = ball(shape, (20, 20, 20), 8), ball(shape, (20, 20, 40), 6)
@@ -131,7 +131,7 @@ def test_the_protocol_click_is_the_deepest_voxel_of_the_largest_error_with_its_s
 def test_the_protocol_click_measures_depth_in_millimetres():
     """One error region: a flat ellipsoid (radii 3, 7, 7 voxels) joined by a one-voxel neck to a ball (radius
     5.5). In voxels the ball is deeper; with slices 3 mm apart (along d) the flat one is (9, 7, 7 mm)."""
-    from lib.trainers.simulated_user import protocol_click
+    from lib.training.simulated_user import protocol_click
 
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in (13, 21, 40)], indexing="ij"), -1)
     flat = (((grid - [6, 10, 10]) / [3, 7, 7]) ** 2).sum(-1) <= 1
@@ -144,7 +144,7 @@ def test_the_protocol_click_measures_depth_in_millimetres():
 
 
 def test_the_boundary_share_tells_a_one_voxel_band_from_a_deeper_miss():
-    from lib.trainers.evaluate import boundary_share
+    from lib.training.evaluate import boundary_share
 
     axis = np.arange(24) - 11.5
     distance = np.sqrt(sum(a**2 for a in np.meshgrid(axis, axis, axis, indexing="ij")))
@@ -160,7 +160,7 @@ def test_the_boundary_share_tells_a_one_voxel_band_from_a_deeper_miss():
 def test_training_zooms_out_only_lesions_large_enough_to_be_followed_and_keeps_them_visible():
     import torch
 
-    from lib.trainers.augment import ZOOMED_LESION_SHARE, RandZoomOutd
+    from lib.training.augment import ZOOMED_LESION_SHARE, RandZoomOutd
 
     zoom_out = RandZoomOutd(38, prob=1.0)
     zoom_out.set_random_state(seed=0)

@@ -90,8 +90,8 @@ def test_a_slicer_correction_sequence_does_what_each_click_asks_and_improves_the
     first mask is already near 0.94)."""
     from scipy import ndimage
 
-    from lib.trainers.simulated_user import protocol_click
-    from lib.trainers.evaluate import dice
+    from lib.training.simulated_user import protocol_click
+    from lib.training.evaluate import dice
     from make_demo_studies import STUDIES
 
     url, studies = slicer_server

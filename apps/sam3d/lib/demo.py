@@ -16,8 +16,8 @@ import torch
 from lib.model import CheckpointError, build_sam3d, save_sam3d
 from lib.model.checkpoints import read_checkpoint
 from lib.phantoms import random_studies, write_studies
-from lib.trainers.data import load_labelled
-from lib.trainers.fit import fit
+from lib.training.data import load_labelled
+from lib.training.fit import fit
 from lib.transforms.presets import PRESETS
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.trainers.data import tumour
-from lib.trainers.evaluate import dice
+from lib.training.data import tumour
+from lib.training.evaluate import dice
 
 logger = logging.getLogger(__name__)
 

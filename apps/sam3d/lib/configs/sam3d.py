@@ -11,7 +11,7 @@ from monai.apps import download_url
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.sam3d_infer import Sam3DInfer
-from lib.infers.segment import FollowBounds
+from lib.engine.segment import FollowBounds
 from lib.trainers.sam3d_trainer import Sam3DTrainer
 from lib.demo import demo_weights
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX

@@ -23,8 +23,8 @@ from lib.transforms.keys import BOX, CLICKS, CROP_BOXES, IMAGE, PRED, from_cache
 from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
-from .cache import BoundedCache, file_key, tensor_bytes
-from .segment import FollowBounds, Segmentation, Segmenter
+from lib.engine.cache import BoundedCache, file_key, tensor_bytes
+from lib.engine.segment import FollowBounds, Segmentation, Segmenter
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The authors augment whole volumes before cropping; here the crop comes first (a 
 lesion voxel, as their two-stage crop does), which keeps each step's cost independent of the volume's size.
 
 sam3d adds a zoom-out: serving follows a lesion larger than the crop by predicting on boxes up to 4 crops wide
-averaged down to the crop's size (``lib/infers/segment.py``), so some training crops are seen that way too.
+averaged down to the crop's size (``lib/engine/segment.py``), so some training crops are seen that way too.
 """
 
 import math

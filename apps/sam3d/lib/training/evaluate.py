@@ -13,8 +13,8 @@ import torch
 from monai.metrics import compute_surface_dice
 from scipy import ndimage
 
-from lib.infers.cache import BoundedCache, tensor_bytes
-from lib.infers.segment import FollowBounds, Segmenter
+from lib.engine.cache import BoundedCache, tensor_bytes
+from lib.engine.segment import FollowBounds, Segmenter
 from lib.model import Clicks, CropEncoding, Sam3D
 from lib.regions import grown_box
 from lib.transforms.crops import plan_crops

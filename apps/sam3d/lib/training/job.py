@@ -1,0 +1,116 @@
+"""One training run, without a server: load the labelled pairs, fit (resumable, DistributedDataParallel across
+processes), validate and publish our checkpoint. The train task (lib/trainers/sam3d_trainer.py) and
+scripts/train.py run it."""
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lib.files import atomic_write
+from lib.model import Sam3D, save_sam3d
+from lib.model.build import ModelSource
+from lib.transforms.presets import PRESETS
+
+from .data import load_labelled
+from .evaluate import lesion_scores
+from .fit import fit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One run, as plain values, so that each GPU's process can carry it out."""
+
+    source: ModelSource  # the model trained from (its checkpoint is the published model's ``base``)
+    preset: str
+    backbone: str
+    train: List[Dict[str, str]]  # {"image": path, "label": path}
+    val: List[Dict[str, str]]
+    skipped: Dict[str, str]  # image file name -> why its pair is not used
+    options: Dict[str, Any]  # steps, learning_rate, seed, activation_checkpointing
+    publish_path: str
+    stats_path: Optional[str]  # None: the stats go into the published file's metadata only
+    state_path: str  # the resumable state, removed once published
+    label_value: Optional[int] = None  # the lesion's value in the labels; None: any non-zero voxel
+
+
+def run(rank: int, world: int, job: TrainingJob) -> None:
+    """Train on this process's share (rank of world); rank 0 validates and publishes. With several GPUs each
+    process holds a replica under DistributedDataParallel (lib/training/fit.py)."""
+    start = time.time()
+    device = job.source.device
+    if world > 1:
+        device = f"cuda:{rank}" if device.startswith("cuda") else device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # MONAI Label sets both for its training process
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
+    try:
+        train_and_publish(job.source.build(device), job, rank, world, start)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train_and_publish(
+    model: Sam3D, job: TrainingJob, rank: int = 0, world: int = 1, start: Optional[float] = None
+) -> None:
+    """The one training run, of the train task and of scripts/train.py: load and pre-process the pairs, fit
+    (resumable through ``job.state_path``), then on the first process validate and publish."""
+    start = time.time() if start is None else start
+    options = job.options
+    model.image_encoder.gradient_checkpointing = options["activation_checkpointing"]
+    volumes = [
+        load_labelled(d["image"], d["label"], job.preset, job.label_value)
+        for d in tqdm(job.train, desc="loading", disable=rank > 0)
+    ]
+    losses, resumed_at = fit(
+        model,
+        volumes,
+        options["steps"],
+        PRESETS[job.preset],
+        options["learning_rate"],
+        options["seed"],
+        state_path=job.state_path,
+        save_every=options.get("save_every", 25),
+        batch_size=options.get("batch_size") or None,
+    )
+    if rank == 0:
+        publish(job, model, losses, resumed_at, world, time.time() - start)
+
+
+def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world: int, seconds: float) -> None:
+    scores = []
+    for d in job.val:
+        image, label = load_labelled(d["image"], d["label"], job.preset, job.label_value)
+        scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), (1,), PRESETS[job.preset].spacing)]
+    stats = {
+        "total_time": round(seconds, 2),
+        "steps": len(losses),
+        "resumed_at_step": resumed_at,
+        "processes": world,
+        "train_loss": float(np.mean(losses[-20:])),
+        "val_one_click_dice": float(np.mean([s.dice for s in scores])) if scores else None,
+        "val_one_click_nsd": float(np.mean([s.nsd for s in scores])) if scores else None,
+        "train_images": len(job.train),
+        "val_images": len(job.val),
+        "skipped": job.skipped,
+        "published": job.publish_path,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    meta = {"preset": job.preset, "base": job.source.checkpoint, **stats}
+    save_sam3d(model, job.publish_path, job.backbone, model.trained_names, meta=meta)
+    if job.stats_path:
+        atomic_write(job.stats_path, lambda f: json.dump(stats, f, indent=2), mode="w")
+    os.remove(job.state_path)  # published: the next run starts from the published weights
+    logger.info(f"sam3d training done: {stats}")
