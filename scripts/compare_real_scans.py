@@ -234,7 +234,7 @@ class Sam3D:
     def setup(self, server: Server) -> Setup:
         weights = requests.get(f"{server.url}/info/", timeout=60).json()["models"]["sam3d"]["weights"]
         crop = weights["config"]["crop_size"]
-        preset = self.conf.get("preset", OPTIONS["preset"][0])
+        preset = self.conf.get("preset", OPTIONS["preset"].default)
         spacing = PRESETS[preset].spacing
         trained, total = log_matches(server.log, SAM3D_PARAMETERS)[0].groups()
         return Setup(

@@ -130,8 +130,26 @@ def test_the_readmes_configuration_table_lists_every_option_with_its_default():
     table = text[text.index("## Configuration"):text.index("Booleans accept")]
     rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \|", table, re.M)}
     assert set(rows) == set(OPTIONS), set(rows) ^ set(OPTIONS)
-    for name, (default, _) in OPTIONS.items():
+    for name, option in OPTIONS.items():
+        default = option.default
         if default == "":
             assert rows[name] == "none", name
         elif default is not None:
             assert rows[name] == f"`{default}`", (name, rows[name], default)
+
+
+def test_the_readmes_training_table_lists_every_training_option_with_its_default():
+    """One row per training option of lib/trainers/sam3d_trainer.py's TRAINING_OPTIONS, in the README's table."""
+    import re
+
+    from conftest import ROOT
+    from lib.trainers.sam3d_trainer import TRAINING_OPTIONS
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    table = text[text.index("| training option |"):text.index("Any other key but MONAI Label's")]
+    rows = {m.group(1): (m.group(2).strip(), m.group(3).strip())
+            for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \| ([^|]*) \|", table, re.M)}
+    assert set(rows) == set(TRAINING_OPTIONS), set(rows) ^ set(TRAINING_OPTIONS)
+    for name, option in TRAINING_OPTIONS.items():
+        assert rows[name] == (f"`{option.default}`", option.accepts), (name, rows[name])

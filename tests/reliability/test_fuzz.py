@@ -59,22 +59,24 @@ def test_the_server_answers_arbitrary_infer_parameters_without_a_5xx(server, par
         assert json.loads(body)["detail"]
 
 
-TRAIN_OPTIONS = ("steps", "learning_rate", "val_split", "seed", "activation_checkpointing", "multi_gpu", "model")
+TRAIN_OPTIONS = ("steps", "learning_rate", "val_split", "seed", "batch_size", "activation_checkpointing", "multi_gpu",
+                 "model")
 
 
 @given(request=st.dictionaries(st.sampled_from(TRAIN_OPTIONS) | st.text(max_size=3), JSON, max_size=6))
 @settings(max_examples=1000, deadline=None)
 def test_training_options_are_typed_and_in_range_or_refused_with_a_reason(request):
     from lib.trainers.sam3d_trainer import DEFAULT_OPTIONS as defaults
-    from lib.trainers.sam3d_trainer import OPTION_RANGES, training_options
+    from lib.trainers.sam3d_trainer import TRAINING_OPTIONS, training_options
 
     try:
-        options = training_options(defaults, request)
+        options = training_options(request)
     except InvalidRequest as e:
         assert str(e).startswith("training option ")
         return
     assert set(options) == set(defaults)
     for name, value in options.items():
         assert type(value) is type(defaults[name]), (name, value)
-        if name in OPTION_RANGES:
-            assert OPTION_RANGES[name][0] <= value <= OPTION_RANGES[name][1]
+        if TRAINING_OPTIONS[name].number:
+            lowest, highest, _ = TRAINING_OPTIONS[name].number
+            assert lowest <= value <= highest

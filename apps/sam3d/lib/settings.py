@@ -1,7 +1,8 @@
 """The app's settings: every ``--conf`` option, parsed and checked once at start.
 
-The value parsers are shared with the training options (``lib/trainers/sam3d_trainer.py``), so a number or a
-boolean means the same wherever a client or an administrator writes one.
+Each option is one row (``Option``: default, what it accepts, its range), here for ``--conf`` and in
+``lib/trainers/sam3d_trainer.py`` for training; the README's tables list the same rows (tests/test_configs.py), and
+a number or a boolean means the same wherever a client or an administrator writes one.
 """
 
 import math
@@ -70,29 +71,53 @@ NO_FILE = "none"
 MEGABYTE = 2**20
 BACKBONES, PRESET_NAMES = tuple(CONFIGS), tuple(PRESETS)
 
-# name -> (default text, what it accepts): the README's configuration table lists the same options.
-OPTIONS: Dict[str, Tuple[Optional[str], str]] = {
-    "backbone": (None, f"{', '.join(BACKBONES)} (default: the checkpoint's)"),
-    "checkpoint": (None, "a checkpoint file (the authors' or ours), demo, or none"),
-    "sam_checkpoint": ("download", "download, none, or a segment-anything checkpoint file"),
-    "preset": ("kits", ", ".join(PRESET_NAMES)),
-    "labels": ("tumor", "comma-separated label names"),
-    "label_value": ("any", "any (every non-zero voxel), a whole number 1 to 65535, or a name in labels"),
-    "device": (None, "cpu, cuda or cuda:N (default: cuda when available)"),
-    "precision": ("auto", "auto, float32 or bfloat16"),
-    "compile": ("auto", "auto, true or false"),
-    "warmup": ("true", "true or false"),
-    "cache_mb": ("2048", "megabytes, 0 to 1e7"),
-    "volume_cache_mb": ("1024", "megabytes, 0 to 1e7"),
-    "max_crops": ("16", "a whole number, 1 to 1000"),
-    "follow_max_extent": ("4", "crops per side, 1 (no following) to 16"),
-    "follow_max_crops": ("27", "a whole number, 0 (no following) to 1000"),
-    "max_megavoxels": (str(DEFAULT_MAX_MEGAVOXELS), "millions of voxels, 1 to 1e5"),
-    "max_upload_mb": ("2048", "megabytes, above 0"),
-    "dicomweb_timeout": ("60", "seconds, above 0"),
-    "allowed_hosts": ("", "comma-separated host names or addresses the server answers to besides loopback's"),
-    "cors_origins": ("", "comma-separated origins (scheme://host[:port]) whose pages may use the server"),
-    "trainer": ("", "empty (this server trains) or the URL (scheme://host[:port]) of the replica that trains"),
+@dataclass(frozen=True)
+class Option:
+    """One option: its default as a user writes it (None: decided from the other options), what it accepts (in
+    every error message about it and in the README), and for a number its range (lowest, highest, whole)."""
+
+    default: Optional[str]
+    accepts: str
+    number: Optional[Tuple[float, float, bool]] = None
+    boolean: bool = False
+
+    def parse(self, value: Any, what: str) -> Any:
+        """The value, typed and checked (raises ValueError naming ``what``): a number in range, a boolean, or the
+        text as given for the options that parse their own."""
+        if self.boolean:
+            return parse_bool(value, what)
+        if self.number:
+            lowest, highest, whole = self.number
+            return parse_number(value, what, lowest, highest, integer=whole)
+        return value
+
+
+def typed_defaults(options: Dict[str, Option]) -> Dict[str, Any]:
+    return {name: option.parse(option.default, name) for name, option in options.items()}
+
+
+OPTIONS: Dict[str, Option] = {
+    "backbone": Option(None, f"{', '.join(BACKBONES)} (default: the checkpoint's)"),
+    "checkpoint": Option(None, "a checkpoint file (the authors' or ours), demo, or none"),
+    "sam_checkpoint": Option("download", "download, none, or a segment-anything checkpoint file"),
+    "preset": Option("kits", ", ".join(PRESET_NAMES)),
+    "labels": Option("tumor", "comma-separated label names"),
+    "label_value": Option("any", "any (every non-zero voxel), a whole number 1 to 65535, or a name in labels"),
+    "device": Option(None, "cpu, cuda or cuda:N (default: cuda when available)"),
+    "precision": Option("auto", "auto, float32 or bfloat16"),
+    "compile": Option("auto", "auto, true or false"),
+    "warmup": Option("true", "true or false", boolean=True),
+    "cache_mb": Option("2048", "megabytes, 0 to 1e7", number=(0, 1e7, False)),
+    "volume_cache_mb": Option("1024", "megabytes, 0 to 1e7", number=(0, 1e7, False)),
+    "max_crops": Option("16", "a whole number, 1 to 1000", number=(1, 1000, True)),
+    "follow_max_extent": Option("4", "crops per side, 1 (no following) to 16", number=(1, 16, False)),
+    "follow_max_crops": Option("27", "a whole number, 0 (no following) to 1000", number=(0, 1000, True)),
+    "max_megavoxels": Option(str(DEFAULT_MAX_MEGAVOXELS), "millions of voxels, 1 to 1e5", number=(1, 1e5, False)),
+    "max_upload_mb": Option("2048", "megabytes, above 0", number=(1e-6, 1e9, False)),
+    "dicomweb_timeout": Option("60", "seconds, above 0", number=(1e-3, 1e6, False)),
+    "allowed_hosts": Option("", "comma-separated host names or addresses the server answers to besides loopback's"),
+    "cors_origins": Option("", "comma-separated origins (scheme://host[:port]) whose pages may use the server"),
+    "trainer": Option("", "empty (this server trains) or the URL (scheme://host[:port]) of the replica that trains"),
 }
 
 
@@ -130,10 +155,13 @@ class Settings:
         unknown = sorted(set(conf) - set(OPTIONS))
         if unknown:
             raise ValueError(f"--conf {', '.join(unknown)}: unknown option(s); sam3d takes {', '.join(OPTIONS)}")
-        text = {name: conf.get(name, default) for name, (default, _) in OPTIONS.items()}
+        text = {name: conf.get(name, option.default) for name, option in OPTIONS.items()}
 
         def what(name: str) -> str:
-            return f"--conf {name} (accepts {OPTIONS[name][1]})"
+            return f"--conf {name} (accepts {OPTIONS[name].accepts})"
+
+        def value(name: str) -> Any:
+            return OPTIONS[name].parse(text[name], what(name))
 
         backbone = text["backbone"] and parse_choice(text["backbone"], what("backbone"), BACKBONES)
         checkpoint = text["checkpoint"]
@@ -171,15 +199,15 @@ class Settings:
             device=device,
             precision=parse_choice(text["precision"], what("precision"), ("auto", "float32", "bfloat16")),
             compile=parse_choice(str(text["compile"]).lower(), what("compile"), ("auto", "true", "false")),
-            warmup=parse_bool(text["warmup"], what("warmup")),
-            cache_bytes=int(parse_number(text["cache_mb"], what("cache_mb"), 0, 1e7) * MEGABYTE),
-            volume_cache_bytes=int(parse_number(text["volume_cache_mb"], what("volume_cache_mb"), 0, 1e7) * MEGABYTE),
-            max_crops=int(parse_number(text["max_crops"], what("max_crops"), 1, 1000, integer=True)),
-            follow_max_extent=parse_number(text["follow_max_extent"], what("follow_max_extent"), 1, 16),
-            follow_max_crops=int(parse_number(text["follow_max_crops"], what("follow_max_crops"), 0, 1000, integer=True)),
-            max_megavoxels=parse_number(text["max_megavoxels"], what("max_megavoxels"), 1, 1e5),
-            max_upload_bytes=int(parse_number(text["max_upload_mb"], what("max_upload_mb"), 1e-6, 1e9) * MEGABYTE),
-            dicomweb_timeout=parse_number(text["dicomweb_timeout"], what("dicomweb_timeout"), 1e-3, 1e6),
+            warmup=value("warmup"),
+            cache_bytes=int(value("cache_mb") * MEGABYTE),
+            volume_cache_bytes=int(value("volume_cache_mb") * MEGABYTE),
+            max_crops=value("max_crops"),
+            follow_max_extent=value("follow_max_extent"),
+            follow_max_crops=value("follow_max_crops"),
+            max_megavoxels=value("max_megavoxels"),
+            max_upload_bytes=int(value("max_upload_mb") * MEGABYTE),
+            dicomweb_timeout=value("dicomweb_timeout"),
             allowed_hosts=allowed_hosts,
             cors_origins=cors_origins,
             trainer=trainer,

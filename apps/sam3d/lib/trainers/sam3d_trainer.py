@@ -15,7 +15,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.datastore import require_label_of, require_volume
 from lib.model.build import ModelSource
-from lib.settings import parse_bool, parse_number
+from lib.settings import Option, typed_defaults
 from lib.errors import InvalidRequest
 from lib.training.job import TrainingJob, run
 
@@ -23,51 +23,45 @@ from lib.training.job import TrainingJob, run
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_OPTIONS = {
-    "steps": 200,
-    "learning_rate": 4e-4,
-    "val_split": 0.2,
-    "seed": 0,
-    # Crops per step over all processes; 0: one per process (one per GPU).
-    "batch_size": 0,
+# One row per training option (the README's table lists the same; tests/test_configs.py checks it).
+TRAINING_OPTIONS: Dict[str, Option] = {
+    "steps": Option("200", "a whole number, 1 to 1e6", number=(1, 10**6, True)),
+    "learning_rate": Option("4e-4", "AdamW's, decaying linearly to 1 % over the run; 1e-8 to 1", number=(1e-8, 1.0, False)),
+    "val_split": Option("0.2", "the share of the images held out to validate the published model, 0 to 0.5",
+                        number=(0.0, 0.5, False)),
+    "seed": Option("0", "a whole number, 0 to 2^32 - 1: the crops, clicks and split of the run",
+                   number=(0, 2**32 - 1, True)),
+    "batch_size": Option("0", "crops per step over all training processes, 0 to 1024; 0: one per process",
+                         number=(0, 1024, True)),
     # Recompute encoder activations in the backward pass: a paper-configuration step then fits a modest GPU
     # (see docs/benchmarks.md) at about a third more compute.
-    "activation_checkpointing": True,
+    "activation_checkpointing": Option("true", "true or false: recompute the encoder's activations in the backward "
+                                       "pass", boolean=True),
     # One process per visible GPU (MONAI Label's `gpus` request option chooses which are visible).
-    "multi_gpu": True,
+    "multi_gpu": Option("true", "true or false: one DistributedDataParallel process per visible GPU", boolean=True),
 }
-# The accepted range of each numeric option: (lowest, highest).
-OPTION_RANGES = {"steps": (1, 10**6), "learning_rate": (1e-8, 1.0), "val_split": (0.0, 0.5), "seed": (0, 2**32 - 1),
-                 "batch_size": (0, 1024)}
+DEFAULT_OPTIONS = typed_defaults(TRAINING_OPTIONS)
 
 
 # What MONAI Label puts into a train request itself (its client, the server, and the training process it starts).
 MONAI_LABEL_KEYS = ("model", "gpus", "local_rank", "bundle_path", "client_id")
 
 
-def training_options(defaults: Dict[str, Any], request: Dict[str, Any]) -> Dict[str, Any]:
-    """The defaults with the request's values of the same options, each checked and given the default's type.
-    A key that is neither an option nor MONAI Label's is refused: silently ignored, a misspelt or another
-    trainer's option (``max_epochs``) would train otherwise than asked."""
-    unknown = sorted(set(request) - set(defaults) - set(MONAI_LABEL_KEYS))
+def training_options(request: Dict[str, Any]) -> Dict[str, Any]:
+    """The defaults with the request's values of the same options, each checked and typed. A key that is neither
+    an option nor MONAI Label's is refused: silently ignored, a misspelt or another trainer's option
+    (``max_epochs``) would train otherwise than asked."""
+    unknown = sorted(set(request) - set(TRAINING_OPTIONS) - set(MONAI_LABEL_KEYS))
     if unknown:
-        raise InvalidRequest(f"training option {unknown[0]!r} is unknown; the options are {sorted(defaults)}")
-    options = dict(defaults)
-    for name, default in defaults.items():
+        raise InvalidRequest(f"training option {unknown[0]!r} is unknown; the options are {sorted(TRAINING_OPTIONS)}")
+    options = dict(DEFAULT_OPTIONS)
+    for name, option in TRAINING_OPTIONS.items():
         if name in request:
-            options[name] = option_value(name, request[name], default)
+            try:
+                options[name] = option.parse(request[name], f"training option {name}")
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
     return options
-
-
-def option_value(name: str, value: Any, default: Any) -> Any:
-    what = f"training option {name}"
-    try:
-        if isinstance(default, bool):  # clients send booleans or their text
-            return parse_bool(value, what)
-        lowest, highest = OPTION_RANGES[name]
-        return parse_number(value, what, lowest, highest, integer=isinstance(default, int))
-    except ValueError as e:
-        raise InvalidRequest(str(e)) from None
 
 
 def check_gpus(value: Any) -> None:
@@ -131,10 +125,9 @@ class Sam3DTrainer(TrainTask):
         self.stats_path = stats_path
         self.state_path = state_path
         self.label_value = label_value
-        self.options = dict(DEFAULT_OPTIONS)
 
     def config(self) -> Dict[str, Any]:
-        return dict(self.options)
+        return dict(DEFAULT_OPTIONS)
 
     def stats(self) -> Dict[str, Any]:
         if not os.path.exists(self.stats_path):
@@ -144,7 +137,7 @@ class Sam3DTrainer(TrainTask):
 
     def check_request(self, request: Dict[str, Any], datastore: Datastore) -> None:
         """Before a run is started for ``request``: what would make it fail at once (InvalidRequest)."""
-        options = training_options(self.options, request)
+        options = training_options(request)
         check_gpus(request.get("gpus", "all"))
         processes = self.processes(options)
         if options["batch_size"] % processes:
@@ -154,7 +147,7 @@ class Sam3DTrainer(TrainTask):
             raise InvalidRequest("no images with a final label to train on: save some labels first")
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
-        options = training_options(self.options, request)
+        options = training_options(request)
         datalist, skipped = usable_pairs(datastore.datalist(), self.label_value)
         if not datalist:
             unusable = f" ({len(skipped)} unusable: {skipped})" if skipped else ""
