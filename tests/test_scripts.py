@@ -16,7 +16,7 @@ from conftest import ROOT
 @pytest.mark.slow  # runs a script that trains or clicks every lesion
 def test_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--tiny", "--repeats", "1", "--bfloat16",
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "clicks", "--tiny", "--repeats", "1", "--bfloat16",
          "--rest", "--reference", str(tmp_path / "absent")],
         capture_output=True, text=True, timeout=900, check=True,
     ).stdout
@@ -31,7 +31,7 @@ def test_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
 def test_training_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
     figures = tmp_path / "training.json"
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_training.py"), "--tiny", "--device", "cpu",
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "training", "--tiny", "--device", "cpu",
          "--repeats", "1", "--json", str(figures)],
         capture_output=True, text=True, timeout=900, check=True,
     ).stdout

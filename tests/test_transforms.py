@@ -225,8 +225,8 @@ def test_separable_spacing_of_a_label_gives_monai_nearest_neighbours(demo_studie
 
 def test_resampling_a_large_ct_adds_at_most_twice_its_result_in_memory():
     """MONAI's Spacingd adds about 14 times its result (a float64 grid of coordinates); see
-    scripts/benchmark_preprocessing.py and docs/benchmarks.md."""
-    from benchmark_preprocessing import measure
+    scripts/benchmark.py preprocessing and docs/benchmarks.md."""
+    from benchmarks.preprocessing import measure
 
     run = measure("sam3d", shape=(384, 384, 200), spacing=(0.8, 0.8, 2.5))
     assert run["result_shape"] == [498, 307, 307]  # (200 - 1) * 2.5 mm, (384 - 1) * 0.8 mm, at 1 mm

@@ -3,7 +3,7 @@
 Each runs in a fresh process (peak resident memory is per process) on the same synthetic, already reoriented
 volume; the figure is the peak memory added by the resampling step, next to the size of its result.
 
-    .venv/bin/python scripts/benchmark_preprocessing.py --shape 512 512 300 --spacing 0.8 0.8 2.5
+    .venv/bin/python scripts/benchmark.py preprocessing --shape 512 512 300 --spacing 0.8 0.8 2.5
 """
 
 import argparse
@@ -13,8 +13,9 @@ import resource
 import subprocess
 import sys
 import time
+from typing import List, Optional
 
-APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "apps", "sam3d")
+SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLEMENTATIONS = ("monai", "sam3d")
 
 
@@ -25,7 +26,6 @@ def resample_once(implementation: str, shape, spacing, pixdim) -> dict:
     from monai.data import MetaTensor
     from monai.transforms import Orientationd, Spacingd
 
-    sys.path.insert(0, APP)
     from lib.transforms.presets import MODEL_AXCODES
     from lib.transforms.resample import SeparableSpacingd
 
@@ -48,17 +48,18 @@ def measure(implementation: str, shape, spacing, pixdim=(1.0, 1.0, 1.0)) -> dict
     """``resample_once`` in a fresh Python process."""
     args = ["--child", implementation, "--shape", *map(str, shape), "--spacing", *map(str, spacing),
             "--pixdim", *map(str, pixdim)]
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, "benchmark.py"), "preprocessing", *args],
+                          capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300], help="voxels (i, j, k)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5], help="mm (i, j, k)")
     parser.add_argument("--pixdim", type=float, nargs=3, default=[1.0, 1.0, 1.0], help="target spacing, mm")
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(resample_once(args.child, args.shape, args.spacing, args.pixdim)))
         return

@@ -1,7 +1,7 @@
 """First-click latency for a lesion larger than the crop: one click, the lesion followed (zoom out, then refine).
 
-    .venv/bin/python scripts/benchmark_large_lesion.py --bfloat16                      # paper configuration
-    .venv/bin/python scripts/benchmark_large_lesion.py --checkpoint tiny.pt --extent 2  # a trained tiny model
+    .venv/bin/python scripts/benchmark.py large-lesion --bfloat16                      # paper configuration
+    .venv/bin/python scripts/benchmark.py large-lesion --checkpoint tiny.pt --extent 2  # a trained tiny model
 
 A generated study with one lesion ``--extent`` times the crop across (``large_studies``) is pre-processed with the
 kits preset; one click at its deepest voxel is served as the server serves it (``Segmenter``, the default follow
@@ -16,26 +16,23 @@ import json
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
+from typing import List, Optional
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
-
-from lib.engine.cache import BoundedCache, tensor_bytes  # noqa: E402
-from lib.engine.segment import FollowBounds, Segmenter  # noqa: E402
-from lib.model import CONFIGS, Clicks, CropEncoding, build_sam3d  # noqa: E402
-from lib.phantoms import large_studies, write_studies  # noqa: E402
-from lib.training.simulated_user import protocol_click  # noqa: E402
-from lib.training.data import load_labelled  # noqa: E402
-from lib.transforms.crops import plan_crops  # noqa: E402
+from lib.engine.cache import BoundedCache, tensor_bytes
+from lib.engine.segment import FollowBounds, Segmenter
+from lib.model import CONFIGS, Clicks, CropEncoding, build_sam3d
+from lib.phantoms import large_studies, write_studies
+from lib.training.simulated_user import protocol_click
+from lib.training.data import load_labelled
+from lib.transforms.crops import plan_crops
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="ours or the authors'; default: random weights")
     parser.add_argument("--backbone", default=None, choices=sorted(CONFIGS), help="default: the checkpoint's, else vit_b")
@@ -45,7 +42,7 @@ def main() -> None:
     parser.add_argument("--follow-max-crops", type=int, default=FollowBounds().max_crops)
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast (precision auto on bf16 CPUs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone).to(args.device).eval()

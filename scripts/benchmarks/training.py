@@ -1,9 +1,9 @@
 """Time and memory of one training step (forward, backward, optimiser step), side by side with the reference's.
 
-    .venv/bin/python scripts/benchmark_training.py                              # paper configuration (vit_b, 128^3)
-    .venv/bin/python scripts/benchmark_training.py --reference ../3DSAM-adapter # + the authors' train.py step
-    .venv/bin/python scripts/benchmark_training.py --variants fp32-ckpt bf16-ckpt --json training.json
-    .venv/bin/python scripts/benchmark_training.py --tiny --device cpu         # seconds: a smoke run
+    .venv/bin/python scripts/benchmark.py training                              # paper configuration (vit_b, 128^3)
+    .venv/bin/python scripts/benchmark.py training --reference ../3DSAM-adapter # + the authors' train.py step
+    .venv/bin/python scripts/benchmark.py training --variants fp32-ckpt bf16-ckpt --json training.json
+    .venv/bin/python scripts/benchmark.py training --tiny --device cpu         # seconds: a smoke run
 
 Step times are medians over --repeats steps after one warm-up step; peak memory is CUDA's, per variant, with one
 model on the device at a time. With --reference both implementations start from the same weights, on the same
@@ -16,19 +16,17 @@ import json
 import os
 import platform
 import re
-import sys
 import tempfile
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim import AdamW
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import ReferenceModel, timed  # noqa: E402  (benchmark puts apps/sam3d on sys.path)
-from lib.model import CONFIGS, build_sam3d, freeze_backbone  # noqa: E402
-from lib.training import fit  # noqa: E402
+from benchmarks.clicks import ReferenceModel, timed
+from lib.model import CONFIGS, build_sam3d, freeze_backbone
+from lib.training import fit
 
 VARIANTS = {
     "reference": "reference (authors' train.py, float32)",
@@ -116,7 +114,7 @@ def measure(name: str, setup: Callable[[], Callable[[], float]], args) -> Dict[s
     return {"seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": loss}
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="vit_b")
     parser.add_argument("--tiny", action="store_true", help="the tiny configuration (a smoke run)")
@@ -127,7 +125,7 @@ def main() -> None:
                         help="decoder rounds per step: 1 as the reference; 1 + fit.MAX_CORRECTION_ROUNDS the most training runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tiny:
         args.backbone = "tiny"
     if not args.reference:

@@ -1,0 +1,1 @@
+"""The benchmarks behind docs/benchmarks.md, one module per subcommand of scripts/benchmark.py."""
