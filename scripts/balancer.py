@@ -41,16 +41,18 @@ def server_address(text: str) -> str:
     return address
 
 
-def nginx_config(listen: str, trainer: str, replicas: List[str], workdir: Optional[str] = None) -> str:
+def nginx_config(
+    listen: str, trainer: str, replicas: List[str], workdir: Optional[str] = None, temporary: Optional[str] = None
+) -> str:
     """nginx's configuration: ``listen`` (port or address:port) in front of ``trainer`` and ``replicas``
-    (host:port). With ``workdir``, the pid file, logs and temporary files go there (a loopback run); without,
-    nginx's defaults (a container)."""
+    (host:port). With ``workdir``, the pid file, logs and temporary files (in ``temporary`` if given) go there (a
+    loopback run); without, nginx's defaults (a container)."""
     servers = "\n".join(
         f"        server {address} max_fails=1 fail_timeout={REST_SECONDS}s;" for address in [trainer, *replicas]
     )
     if workdir:
         files = f"pid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n"
-        temporary = "".join(f"    {kind}_temp_path {workdir}/{kind};\n"
+        temporary = "".join(f"    {kind}_temp_path {temporary or workdir}/{kind};\n"
                             for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         access = f"    access_log {workdir}/access.log sam3d;\n"
     else:  # Debian's nginx package: its workers' user owns /var/lib/nginx; logs to the container's output
@@ -121,11 +123,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="sam3d-balancer-"))
     os.makedirs(workdir, exist_ok=True)
-    # nginx's workers drop root for `nobody`, which must be able to write the temporary files of large uploads.
-    os.chmod(workdir, 0o777)
+    temporary = None
+    if os.geteuid() == 0:
+        # Started as root, nginx's workers run as `nobody`, which must reach and write the temporary files of
+        # large uploads: a folder of their own under the system's temporary folder.
+        temporary = tempfile.mkdtemp(prefix="sam3d-balancer-uploads-")
+        os.chmod(temporary, 0o777)
     config = os.path.join(workdir, "nginx.conf")
     with open(config, "w") as f:
-        f.write(nginx_config(args.listen, args.trainer, args.replica, workdir))
+        f.write(nginx_config(args.listen, args.trainer, args.replica, workdir, temporary))
     if not os.path.exists(NGINX):
         raise SystemExit("nginx is needed: apt-get install nginx-light (scripts/test.sh does)")
     checked = subprocess.run([NGINX, "-t", "-q", "-c", config, "-e", f"{workdir}/error.log"],
