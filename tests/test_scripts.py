@@ -23,7 +23,7 @@ def test_benchmark_runs_end_to_end_on_the_tiny_configuration(tmp_path):
     assert "no reference checkout" in out
     for row in ("first click (s)", "refinement click, cached (s)", "first click, bfloat16 (s)", "Dice(bf16 mask",
                 "share of the floor", "peak RSS", "REST first click, end to end", "REST refinement click, model",
-                "server overhead share"):
+                "server overhead share", "server resident memory"):
         assert row in out, row
 
 

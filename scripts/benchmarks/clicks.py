@@ -26,6 +26,7 @@ import urllib.request
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -306,6 +307,9 @@ def rest_figures(args) -> Dict[str, str]:
             rows[f"REST {name} click, model (s)"] = result["model_seconds"]
             rows[f"REST {name} click, server overhead share"] = 1 - result["model_seconds"] / total
             rows[f"REST {name} click, encoder runs"] = result["encoder_runs"]
+        # A replica's memory for deployment sizing: the server and what it started, after both clicks.
+        processes = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+        rows["REST server resident memory after the clicks (GiB)"] = sum(p.memory_info().rss for p in processes) / 2**30
         return rows
     finally:
         server.terminate()
