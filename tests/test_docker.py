@@ -81,8 +81,9 @@ def test_the_scaled_compose_puts_two_replicas_on_one_pacs_and_one_model_volume_b
 
 def test_the_kubernetes_manifests_pass_kubernetes_schemas_and_carry_the_balancers_configuration():
     path = os.path.join(DOCKER, "k8s", "sam3d.yaml")
-    validator = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
-    result = subprocess.run([validator, "--strict", path], capture_output=True, text=True)
+    tools = os.path.join(ROOT, ".venv", "tools")  # scripts/setup.sh installs the validator there, apart
+    result = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", path], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": tools})
     assert result.returncode == 0 and result.stdout.count("passed") == 9, result.stdout + result.stderr
     with open(path) as f:
         documents = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(f)}
