@@ -11,7 +11,6 @@ from monai.apps import download_url
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.sam3d_infer import Sam3DInfer
-from lib.engine.segment import FollowBounds
 from lib.trainers.sam3d_trainer import Sam3DTrainer
 from lib.demo import demo_weights
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
@@ -106,18 +105,14 @@ class Sam3DTaskConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         settings = kwargs.get("settings") or Settings.from_conf(conf, torch.cuda.is_available())
+        self.settings = settings
         self.labels = list(settings.labels)
         self.preset = settings.preset
         self.label_value = settings.label_value
         self.source = model_source(settings, model_dir)
         # torch.compile of the encoder pays on a GPU, not on CPUs (docs/benchmarks.md).
         self.compile = settings.compile == "true" or (settings.compile == "auto" and settings.on_gpu)
-        self.cache_bytes = settings.cache_bytes
-        self.volume_cache_bytes = settings.volume_cache_bytes
         self.warmup = settings.warmup
-        self.max_crops = settings.max_crops
-        self.follow_bounds = FollowBounds(settings.follow_max_extent, settings.follow_max_crops)
-        self.max_megavoxels = settings.max_megavoxels
         self.network = self.build_model()
 
     def build_model(self):
@@ -135,15 +130,8 @@ class Sam3DTaskConfig(TaskConfig):
         return {
             self.name: Sam3DInfer(
                 model=self.network,
+                settings=self.settings,
                 model_version=uuid.uuid4().hex,
-                labels=self.labels,
-                preset=self.preset,
-                device=self.source.device,
-                cache_bytes=self.cache_bytes,
-                volume_cache_bytes=self.volume_cache_bytes,
-                max_crops=self.max_crops,
-                follow_bounds=self.follow_bounds,
-                max_megavoxels=self.max_megavoxels,
                 published_path=self.source.published,
                 rebuild=self.build_model,
             )

@@ -15,6 +15,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.activelearning.uncertain import mask_uncertainty
 from lib.model import Box, CheckpointError, Clicks, CropEncoding, Sam3D
+from lib.settings import Settings
 from lib.transforms.cached import CachedPreprocessd
 from lib.errors import InvalidRequest
 from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
@@ -35,40 +36,36 @@ class Sam3DInfer(BasicInferTask):
     def __init__(
         self,
         model: Sam3D,
+        settings: Settings,
         model_version: str,
-        labels: Sequence[str],
-        preset: str,
-        device: str,
-        cache_bytes: int,
-        volume_cache_bytes: int,
-        max_crops: int,
-        max_megavoxels: float,
-        follow_bounds: FollowBounds = FollowBounds(),
         published_path: Optional[str] = None,
         rebuild: Optional[Callable[[], Sam3D]] = None,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
     ) -> None:
+        """``settings``: the app's (lib/settings.py): labels, preset, device, cache sizes and the bounds of a
+        request (crops, following, image size)."""
         super().__init__(
             path=None,
             network=None,
             type=InferType.DEEPGROW,
-            labels=list(labels),
+            labels=list(settings.labels),
             dimension=3,
             description=description,
             # A list is shown as a choice in Slicer; its first item is the default.
-            config={"preset": [preset] + [p for p in PRESETS if p != preset], "device": device},
+            config={"preset": [settings.preset] + [p for p in PRESETS if p != settings.preset],
+                    "device": settings.device},
         )
-        self.model = model.to(device)
+        self.model = model.to(settings.device)
         self.model_version = model_version
-        self.device = device
-        self.max_crops = max_crops
-        self.max_megavoxels = max_megavoxels
-        self.follow_bounds = follow_bounds
-        self.cache = BoundedCache(cache_bytes, CropEncoding.nbytes.fget)
-        self.volumes = BoundedCache(volume_cache_bytes, tensor_bytes)  # pre-processed images
+        self.device = settings.device
+        self.max_crops = settings.max_crops
+        self.max_megavoxels = settings.max_megavoxels
+        self.follow_bounds = FollowBounds(settings.follow_max_extent, settings.follow_max_crops)
+        self.cache = BoundedCache(settings.cache_bytes, CropEncoding.nbytes.fget)
+        self.volumes = BoundedCache(settings.volume_cache_bytes, tensor_bytes)  # pre-processed images
         # Correction rounds (the previous predictions a refinement click builds on), 8 MiB each for a 128^3 crop:
         # a quarter of the feature cache's budget.
-        self.rounds = BoundedCache(cache_bytes // 4, tensor_bytes)
+        self.rounds = BoundedCache(settings.cache_bytes // 4, tensor_bytes)
         self._model_lock = threading.Lock()  # one crop through the model at a time: no doubled peak memory
         self.warmed_up = threading.Event()
         # A model that training publishes later replaces this one at the next click (see reload_if_published).
