@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from lib.cases import find_cases  # noqa: E402
 from lib.model import CONFIGS, build_sam3d  # noqa: E402
 from lib.model.build import ModelSource  # noqa: E402
+from lib.training.fit import batch_share  # noqa: E402
 from lib.training.job import TrainingJob, train_and_publish  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 
@@ -47,15 +48,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=4e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, help="crops per step over all processes (default: one per process)")
+    parser.add_argument("--batch-size", type=int, help="crops per step over all processes (default or 0: one per process)")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the resumable state")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast (the default on a GPU)")
     args = parser.parse_args()
     rank, world = join_torchrun(args)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s")
-    if args.batch_size is not None and (args.batch_size < 1 or args.batch_size % world):
-        raise SystemExit(f"--batch-size {args.batch_size}: give a positive multiple of the {world} processes")
+    try:
+        batch_share(args.batch_size, world)
+    except ValueError as e:
+        raise SystemExit(f"--batch-size: {e}") from None
 
     torch.manual_seed(args.seed)
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)

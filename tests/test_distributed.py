@@ -146,3 +146,13 @@ def test_train_script_under_torchrun_publishes_once_and_a_killed_rank_fails_it(d
         resumed.kill()
         resumed.wait()
     assert f"at step {saved}/1000" in "".join(lines), "".join(lines)[-3000:]
+
+
+def test_a_batch_the_processes_cannot_share_is_refused():
+    from lib.training.fit import batch_share
+
+    assert batch_share(None, 2) == batch_share(0, 2) == (2, 1)  # one crop per process
+    assert batch_share(4, 2) == (4, 2)
+    for batch, world in ((3, 2), (-2, 1), (-2, 2)):
+        with pytest.raises(ValueError, match="cannot be shared evenly"):
+            batch_share(batch, world)

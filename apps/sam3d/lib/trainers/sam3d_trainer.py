@@ -17,6 +17,7 @@ from lib.datastore import require_label_of, require_volume
 from lib.model.build import ModelSource
 from lib.settings import Option, typed_defaults
 from lib.errors import InvalidRequest
+from lib.training.fit import batch_share
 from lib.training.job import TrainingJob, run
 
 
@@ -139,10 +140,10 @@ class Sam3DTrainer(TrainTask):
         """Before a run is started for ``request``: what would make it fail at once (InvalidRequest)."""
         options = training_options(request)
         check_gpus(request.get("gpus", "all"))
-        processes = self.processes(options)
-        if options["batch_size"] % processes:
-            raise InvalidRequest(f"training option batch_size: {options['batch_size']} crops cannot be shared evenly "
-                                 f"by this server's {processes} training processes (one per GPU): give a multiple")
+        try:
+            batch_share(options["batch_size"], self.processes(options))
+        except ValueError as e:
+            raise InvalidRequest(f"training option batch_size: {e} (one training process per GPU)") from None
         if not datastore.datalist():
             raise InvalidRequest("no images with a final label to train on: save some labels first")
 

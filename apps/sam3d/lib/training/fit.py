@@ -185,11 +185,13 @@ def distributed() -> Tuple[int, int]:
 
 
 def batch_share(batch_size: Optional[int], world: int) -> Tuple[int, int]:
-    """(global batch, crops per process per step): ``batch_size`` crops per step over all processes (None: one
-    per process). A batch the processes cannot share evenly is refused."""
+    """(global batch, crops per process per step): ``batch_size`` crops per step over all processes (None or 0:
+    one per process). A batch the processes cannot share evenly is refused (ValueError): the train task and
+    scripts/train.py check a request with this too."""
     batch = batch_size or world
-    if batch % world:
-        raise ValueError(f"a batch of {batch} crops cannot be shared evenly by {world} processes: give a multiple")
+    if batch < 1 or batch % world:
+        raise ValueError(f"a batch of {batch} crops cannot be shared evenly by {world} processes: give a positive "
+                         "multiple")
     return batch, batch // world
 
 
