@@ -36,7 +36,6 @@ import numpy as np
 import pydicom
 import pydicom_seg
 import SimpleITK as sitk
-from fastapi import HTTPException
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -45,6 +44,7 @@ sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
 from lib.cases import EXTENSIONS, strip_extension  # noqa: E402
 from lib.datastore import SafeLocalDatastore, read_header, require_label_of  # noqa: E402
+from lib.errors import Conflict, InvalidRequest, NotFound  # noqa: E402
 
 logger = logging.getLogger("import_dataset")
 
@@ -383,8 +383,8 @@ def import_case(store: SafeLocalDatastore, case: Case, image_id: str, layout: st
             import_dicom_case(store, case, image_id, choice)
         else:
             import_file_case(store, case, image_id, choice.value)
-    except HTTPException as e:  # the datastore's checks: unreadable, not 3D, off the image's grid, bad id
-        raise Skip(e.detail) from None
+    except (InvalidRequest, NotFound, Conflict) as e:  # the datastore's checks: unreadable, not 3D, off the grid
+        raise Skip(str(e)) from None
     return IMPORTED
 
 

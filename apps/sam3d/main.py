@@ -8,7 +8,6 @@ import types
 from typing import Dict
 
 import torch
-from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -28,7 +27,7 @@ from lib.dicomweb import DICOMwebStudies, bounded_client
 from lib.scoring import TumourDice
 from lib.endpoints import check_infer_request, install_endpoints, is_request_file
 from lib.settings import Settings
-from lib.errors import InvalidRequest
+from lib.errors import InvalidRequest, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -152,20 +151,15 @@ class Sam3DApp(MONAILabelApp):
         return folder == sessions or folder.startswith(sessions + os.sep)
 
     def train(self, request):
-        # Runs in MONAI Label's training process, or in the server with run_sync: a bad request must then be a
-        # 4xx, not a 500.
+        # Runs in MONAI Label's training process, or in the server with run_sync, where the errors raised here are
+        # answered with a 4xx (lib/endpoints.py's ERROR_STATUS).
         if request.get("model") not in self._trainers:
-            detail = f"unknown model {request.get('model')!r}; this app trains {list(self._trainers)}"
-            raise HTTPException(status_code=404, detail=detail)
-        try:
-            return super().train(request)
-        except InvalidRequest as e:
-            raise HTTPException(status_code=422, detail=str(e)) from e
+            raise NotFound(f"unknown model {request.get('model')!r}; this app trains {list(self._trainers)}")
+        return super().train(request)
 
     def next_sample(self, request):
         if request.get("strategy") not in self._strategies:
-            detail = f"unknown strategy {request.get('strategy')!r}; this app has {list(self._strategies)}"
-            raise HTTPException(status_code=404, detail=detail)
+            raise NotFound(f"unknown strategy {request.get('strategy')!r}; this app has {list(self._strategies)}")
         return super().next_sample(request)
 
     @staticmethod
@@ -179,22 +173,20 @@ class Sam3DApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         if request.get("model") not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
+            raise NotFound(f"unknown model {request.get('model')!r}; this app has {list(self._infers)}")
         check_infer_request(request)
         image = request.get("image")
         datastore = datastore or self.datastore()
         upload = isinstance(image, str) and self.is_upload(image)
         stored = isinstance(image, str) and not upload and bool(datastore.get_image_uri(image))
         if isinstance(image, str) and not (upload or stored):
-            raise HTTPException(status_code=404, detail=f"unknown image {image!r}: not in the datastore")
+            raise NotFound(f"unknown image {image!r}: not in the datastore")
         try:
             result = super().infer(request, datastore)
         except (InvalidRequest, FileNotFoundError) as e:  # a file that vanishes before the read, or during it
             if stored and self.deleted_meanwhile(datastore, image):
-                raise HTTPException(status_code=404, detail=f"image {image!r} was deleted from the datastore") from e
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise HTTPException(status_code=422, detail=str(e)) from e
+                raise NotFound(f"image {image!r} was deleted from the datastore") from e
+            raise
         uncertainty = (result.get("params") or {}).get("uncertainty")
         if uncertainty is not None and stored:
             datastore.update_image_info(image, {UNCERTAINTY_KEY: uncertainty})  # for the uncertain strategy

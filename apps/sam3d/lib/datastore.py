@@ -6,8 +6,8 @@ or a truncated JSON (and then the server no longer starts). Here every write goe
 renamed into place, so after a kill each file is the old one or the new one. A label is stored only if it is a
 whole 3D image on its image's grid, and unknown ids or malformed info are 4xx answers instead of 500s.
 
-FastAPI's ``HTTPException`` is raised from the datastore itself because MONAI Label's datastore endpoints call
-it directly and MONAI Label has no exception handler that would map its own exceptions to a status.
+Refusals are lib/errors.py's neutral errors; the server's edge gives them their status (MONAI Label's own
+datastore endpoints call these methods directly, and the handlers lib/endpoints.py installs answer for them).
 """
 
 import functools
@@ -21,13 +21,13 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
-from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import is_score
+from lib.errors import Conflict, InvalidRequest, NotFound
 from lib.files import atomic_copy, atomic_write, remove_partial_files, sync_folder
 from lib.nifti import require_complete_nifti
 
@@ -37,20 +37,20 @@ SAFE_NAME = re.compile(r"\w[\w.+-]*")
 MAX_NAME_BYTES = 128  # with an extension and a temporary file's prefix, a file name stays within 255 bytes
 
 
-def missing_is_404(method):
+def missing_is_not_found(method):
     @functools.wraps(method)
     def call(*args, **kwargs):
         try:
             return method(*args, **kwargs)
         except (ImageNotFoundException, LabelNotFoundException) as e:
-            raise HTTPException(status_code=404, detail=str(e)) from e
+            raise NotFound(str(e)) from e
 
     return call
 
 
 def require_json_object(info: Any) -> None:
     if not isinstance(info, dict):
-        raise HTTPException(status_code=422, detail=f"info must be a JSON object, not {type(info).__name__}")
+        raise InvalidRequest(f"info must be a JSON object, not {type(info).__name__}")
 
 
 def require_bookkeeping_types(info: Dict[str, Any]) -> None:
@@ -58,9 +58,9 @@ def require_bookkeeping_types(info: Dict[str, Any]) -> None:
     there (any annotator may write image info) would make every later next-sample a 500."""
     strategies = info.get("strategy", {})
     if not isinstance(strategies, dict) or not all(isinstance(v, dict) for v in strategies.values()):
-        raise HTTPException(status_code=422, detail="image info 'strategy' must map strategy names to objects")
+        raise InvalidRequest("image info 'strategy' must map strategy names to objects")
     if UNCERTAINTY_KEY in info and not is_score(info[UNCERTAINTY_KEY]):
-        raise HTTPException(status_code=422, detail=f"image info {UNCERTAINTY_KEY!r} must be a number in [0, 1]")
+        raise InvalidRequest(f"image info {UNCERTAINTY_KEY!r} must be a number in [0, 1]")
 
 
 def one_thread_at_a_time(method):
@@ -98,26 +98,26 @@ class SafeLocalDatastore(LocalDatastore):
 
     # A removal shows at once (MONAI Label leaves it to its file watcher when auto-reload is on): a training run
     # started right after would otherwise be given a label that is gone.
-    @missing_is_404
+    @missing_is_not_found
     @one_thread_at_a_time
     def remove_image(self, image_id: str) -> None:
         super().remove_image(image_id)
         self.refresh()
 
-    @missing_is_404
+    @missing_is_not_found
     @one_thread_at_a_time
     def remove_label(self, label_id: str, label_tag: str) -> None:
         super().remove_label(label_id, label_tag)
         self.refresh()
 
-    @missing_is_404
+    @missing_is_not_found
     @one_thread_at_a_time
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         require_json_object(info)
         require_bookkeeping_types(info)
         super().update_image_info(image_id, info)
 
-    @missing_is_404
+    @missing_is_not_found
     @one_thread_at_a_time
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         require_json_object(info)
@@ -125,7 +125,7 @@ class SafeLocalDatastore(LocalDatastore):
 
     def get_dataset_archive(self, limit_cases: Optional[int]) -> str:
         if not self.datalist():
-            raise HTTPException(status_code=404, detail="no image has a final label yet: nothing to archive")
+            raise NotFound("no image has a final label yet: nothing to archive")
         return super().get_dataset_archive(limit_cases)
 
     # The two methods below keep LocalDatastore's bookkeeping (ids, names, info, lock); they check what they are
@@ -142,9 +142,8 @@ class SafeLocalDatastore(LocalDatastore):
             # Labels belong to the scan they were drawn on: a new scan under the same id would inherit them.
             labelled = self.label_files(image_id)
             if labelled:
-                raise HTTPException(
-                    status_code=409,
-                    detail=f"image {image_id!r} has labels ({', '.join(labelled)}): delete the image first "
+                raise Conflict(
+                    f"image {image_id!r} has labels ({', '.join(labelled)}): delete the image first "
                     "(DELETE /datastore/image) or upload the new scan under another id",
                 )
             previous = self._datastore.objects.get(image_id)
@@ -159,7 +158,7 @@ class SafeLocalDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         entry = self._datastore.objects.get(image_id)
         if not entry:
-            raise HTTPException(status_code=404, detail=f"unknown image {image_id!r}: not in the datastore")
+            raise NotFound(f"unknown image {image_id!r}: not in the datastore")
         require_json_object(label_info or {})
         require_name("label tag", label_tag)
         require_label_of(label_filename, self.get_image_uri(image_id), image_id)
@@ -212,9 +211,8 @@ class SafeLocalDatastore(LocalDatastore):
 def require_name(kind: str, name: str) -> None:
     """Ids and tags become file and folder names: ``../x`` would write outside the datastore."""
     if not SAFE_NAME.fullmatch(name or "") or len(name.encode()) > MAX_NAME_BYTES:
-        raise HTTPException(
-            status_code=422,
-            detail=f"{kind} {name[:40]!r}: use letters, digits and . _ + - (not first), {MAX_NAME_BYTES} bytes at most",
+        raise InvalidRequest(
+            f"{kind} {name[:40]!r}: use letters, digits and . _ + - (not first), {MAX_NAME_BYTES} bytes at most",
         )
 
 
@@ -226,7 +224,7 @@ def read_header(path: str, what: str) -> sitk.ImageFileReader:
         reader.ReadImageInformation()
         return reader
     except (OSError, RuntimeError, EOFError, ValueError) as e:  # what ITK, nibabel and gzip raise for bad files
-        raise HTTPException(status_code=422, detail=f"{what} cannot be read: {reader_error(e)}") from None
+        raise InvalidRequest(f"{what} cannot be read: {reader_error(e)}") from None
 
 
 def reader_error(error: Exception) -> str:
@@ -238,7 +236,7 @@ def require_volume(path: str, what: str) -> sitk.ImageFileReader:
     """MONAI Label stores whatever file is sent. sam3d segments single-channel 3D volumes."""
     header = read_header(path, what)
     if header.GetDimension() != 3 or header.GetNumberOfComponents() != 1:
-        raise HTTPException(status_code=422, detail=f"{what} is not one 3D volume: {describe(header)}")
+        raise InvalidRequest(f"{what} is not one 3D volume: {describe(header)}")
     return header
 
 
@@ -250,15 +248,14 @@ def require_label_of(label_path: str, image_path: str, image_id: str) -> sitk.Im
     try:
         voxels = label.Execute()  # all voxels: a compressed file cut short fails here
     except RuntimeError:
-        raise HTTPException(status_code=422, detail=f"{what} cannot be read: its voxel data are damaged") from None
+        raise InvalidRequest(f"{what} cannot be read: its voxel data are damaged") from None
     image = read_header(image_path, f"the stored image {image_id}")
     if label.GetSize() != image.GetSize():
-        raise HTTPException(status_code=422, detail=f"{what} is {describe(label)}; the image is {describe(image)}")
+        raise InvalidRequest(f"{what} is {describe(label)}; the image is {describe(image)}")
     offset = grid_offset(label, image)
     if offset > GRID_TOLERANCE * min(image.GetSpacing()):
-        raise HTTPException(
-            status_code=422,
-            detail=f"{what} is not on the image's voxel grid: its corners lie up to {offset:.3g} mm from the "
+        raise InvalidRequest(
+            f"{what} is not on the image's voxel grid: its corners lie up to {offset:.3g} mm from the "
             f"image's (label {describe_grid(label)}; image {describe_grid(image)})",
         )
     return voxels

@@ -12,7 +12,7 @@ leaves a folder that later requests take for the whole series, so a partial volu
   starts and /info/ answers while the PACS is down;
 - a series with a slice missing or a damaged instance is a 422 instead of a volume with the wrong geometry or a 500.
 
-``HTTPException`` is raised from the datastore for the reason given in lib/datastore.py.
+Refusals are lib/errors.py's neutral errors, as in lib/datastore.py.
 """
 
 import contextlib
@@ -32,7 +32,6 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
@@ -41,6 +40,7 @@ from pydicom.errors import InvalidDicomError
 from requests.adapters import HTTPAdapter
 
 from lib.datastore import SafeLocalDatastore, reader_error
+from lib.errors import InvalidRequest, NotFound, TimedOut, Unreachable
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX, claimed
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def bounded_client(url: str, timeout: float, username: str = "", password: str =
     return client
 
 
-def answers_503_when_unreachable(method):
+def unreachable_when_refused(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
@@ -95,10 +95,9 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
         self._downloader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="DICOMweb")
         super().__init__(client, **kwargs)
 
-    def unreachable(self, error: Exception) -> HTTPException:
-        return HTTPException(
-            status_code=503,
-            detail=f"the DICOMweb server {self._client.base_url} did not answer ({type(error).__name__}); "
+    def unreachable(self, error: Exception) -> Unreachable:
+        return Unreachable(
+            f"the DICOMweb server {self._client.base_url} did not answer ({type(error).__name__}); "
             "try again when it is back",
         )
 
@@ -107,9 +106,9 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
         start and clients could not connect. Answer with the error instead."""
         try:
             return super().status()
-        except HTTPException as e:
-            logger.warning(e.detail)
-            return {"total": 0, "completed": 0, "label_tags": {}, "error": e.detail}
+        except Unreachable as e:
+            logger.warning(e)
+            return {"total": 0, "completed": 0, "label_tags": {}, "error": str(e)}
 
     def get_image_uri(self, image_id: str) -> str:
         folder = os.path.join(self._datastore.image_path(), image_id)
@@ -120,27 +119,27 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
             return self._convert(super().get_image_uri, image_id)
         except RuntimeError as e:  # ITK's reader, on a damaged instance
             detail = f"series {image_id} cannot be read as a volume: {reader_error(e)}"
-            raise HTTPException(status_code=422, detail=detail) from None
+            raise InvalidRequest(detail) from None
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL:
             self._fetch_series(label_id, os.path.join(self._datastore.label_path(label_tag), label_id))
         return self._convert(super().get_label_uri, label_id, label_tag, image_id)
 
-    @answers_503_when_unreachable
+    @unreachable_when_refused
     def _convert(self, method, *args):
         """MONAI Label's conversion of the (now complete) series folder, which also asks the PACS for tags."""
         return method(*args)
 
-    list_images = answers_503_when_unreachable(DICOMWebDatastore.list_images)
-    get_labeled_images = answers_503_when_unreachable(DICOMWebDatastore.get_labeled_images)
-    get_unlabeled_images = answers_503_when_unreachable(DICOMWebDatastore.get_unlabeled_images)
-    save_label = answers_503_when_unreachable(DICOMWebDatastore.save_label)
-    datalist = answers_503_when_unreachable(DICOMWebDatastore.datalist)
+    list_images = unreachable_when_refused(DICOMWebDatastore.list_images)
+    get_labeled_images = unreachable_when_refused(DICOMWebDatastore.get_labeled_images)
+    get_unlabeled_images = unreachable_when_refused(DICOMWebDatastore.get_unlabeled_images)
+    save_label = unreachable_when_refused(DICOMWebDatastore.save_label)
+    datalist = unreachable_when_refused(DICOMWebDatastore.datalist)
 
     def _fetch_series(self, series_uid: str, folder: str) -> None:
         if not DICOM_UID.match(series_uid or ""):
-            raise HTTPException(status_code=404, detail=f"unknown image {series_uid!r}: not a DICOM series UID")
+            raise NotFound(f"unknown image {series_uid!r}: not a DICOM series UID")
         if os.path.isdir(folder) and os.listdir(folder):
             return  # complete: folders are renamed into place whole
         with self._downloads_lock:
@@ -154,9 +153,8 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
         try:
             download.result(timeout=self.timeout)
         except WaitedTooLong:
-            raise HTTPException(
-                status_code=504,
-                detail=f"series {series_uid} is still coming from {self._client.base_url} after {self.timeout:g} s; "
+            raise TimedOut(
+                f"series {series_uid} is still coming from {self._client.base_url} after {self.timeout:g} s; "
                 "ask again later",
             ) from None
         except requests.RequestException as e:
@@ -188,7 +186,7 @@ class DICOMwebStudies(DICOMWebDatastore, SafeLocalDatastore):
         found = [s for s in found if s.get("0020000E", {}).get("Value") == [series_uid]]
         if not found:
             detail = f"unknown image {series_uid!r}: {self._client.base_url} has no such series"
-            raise HTTPException(status_code=404, detail=detail)
+            raise NotFound(detail)
         return found[0]["0020000D"]["Value"][0]
 
 
@@ -210,15 +208,14 @@ def require_whole_series(folder: str, series_uid: str, tolerance: float = 0.01) 
                 if len(slice_.PixelData) < expected * int(getattr(slice_, "NumberOfFrames", 1) or 1):
                     raise ValueError(f"its pixel data stop short: {len(slice_.PixelData)} of {expected} bytes")
         except (InvalidDicomError, AttributeError, ValueError, TypeError, EOFError, OSError) as e:
-            raise HTTPException(status_code=422, detail=f"series {series_uid} cannot be read as a volume: {name}: {e}")
+            raise InvalidRequest(f"series {series_uid} cannot be read as a volume: {name}: {e}")
     if len(orientations) != 1:
-        raise HTTPException(status_code=422, detail=f"series {series_uid} mixes slice orientations")
+        raise InvalidRequest(f"series {series_uid} mixes slice orientations")
     row, column = np.reshape(next(iter(orientations)), (2, 3))
     depths = np.sort(np.asarray(positions) @ np.cross(row, column))
     gaps = np.diff(depths)
     if len(gaps) and (gaps.min() <= 0 or gaps.max() - gaps.min() > tolerance * gaps.max()):
-        raise HTTPException(
-            status_code=422,
-            detail=f"series {series_uid} has unevenly spaced slices ({gaps.min():.3g} to {gaps.max():.3g} mm apart): "
+        raise InvalidRequest(
+            f"series {series_uid} has unevenly spaced slices ({gaps.min():.3g} to {gaps.max():.3g} mm apart): "
             "a slice missing, or two series mixed",
         )

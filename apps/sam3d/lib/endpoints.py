@@ -30,9 +30,22 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.task import AsyncTask
 
-from lib.errors import InvalidRequest
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+
+from lib.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unreachable
 
 logger = logging.getLogger(__name__)
+
+# The answer to each of sam3d's errors (lib/errors.py), wherever in the server it is raised: decided here only.
+ERROR_STATUS = {InvalidRequest: 422, NotFound: 404, Conflict: 409, Unreachable: 503, TimedOut: 504}
+ERRORS = tuple(ERROR_STATUS)
+
+
+def error_response(request: Request, error: Exception) -> JSONResponse:
+    status = next(code for kind, code in ERROR_STATUS.items() if isinstance(error, kind))
+    return JSONResponse({"detail": str(error)}, status_code=status)
+
 
 # The 3D formats sam3d reads; an upload's name is matched case-insensitively and nothing else of it is used.
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -89,6 +102,9 @@ def request_files(background_tasks: BackgroundTasks) -> Iterator[RequestFiles]:
     except HTTPException as e:
         files.remove()
         raise HTTPException(status_code=e.status_code, detail=files.hide(str(e.detail))) from None
+    except ERRORS as e:
+        files.remove()
+        raise type(e)(files.hide(str(e))) from None
     except BaseException:
         files.remove()
         raise
@@ -271,10 +287,7 @@ def train(
         raise HTTPException(status_code=409, detail=f"this replica does not train: send POST /train/{model} to the "
                             f"trainer, {app.settings.trainer} (--conf trainer); the model it publishes in the shared "
                             "model folder is served here from the next click on")
-    try:
-        trainer.check_request({"model": model, **(params or {})}, app.datastore())
-    except InvalidRequest as e:
-        raise HTTPException(status_code=422, detail=str(e)) from None
+    trainer.check_request({"model": model, **(params or {})}, app.datastore())
     with _train_start:
         under_way = [t for t in AsyncTask.status("train", all=True)[0] or [] if t["status"] in ("SUBMITTED", "RUNNING")]
         if under_way:
@@ -319,5 +332,7 @@ def install_endpoints(server: FastAPI) -> None:
                 route.path[len(router.prefix):], endpoint, methods=list(route.methods), summary=route.summary,
                 include_in_schema=route.include_in_schema, deprecated=route.deprecated,
             )
+    for error in ERRORS:  # the server's middleware is rebuilt on its next request (main.configure_server)
+        server.add_exception_handler(error, error_response)
     server.openapi_schema = None
     requests_folder()

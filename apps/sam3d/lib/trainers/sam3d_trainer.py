@@ -9,7 +9,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 import torch
-from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -90,9 +89,9 @@ def usable_pairs(
             require_volume(pair["image"], f"the image {name}")
             label = require_label_of(pair["label"], pair["image"], name)
             require_tumour(label, label_value, name)
-        except HTTPException as e:
-            logger.warning(f"sam3d training: skipping {name}: {e.detail}")
-            skipped[name] = e.detail
+        except InvalidRequest as e:
+            logger.warning(f"sam3d training: skipping {name}: {e}")
+            skipped[name] = str(e)
             continue
         usable.append(pair)
     return usable, skipped
@@ -102,8 +101,8 @@ def require_tumour(label: sitk.Image, label_value: Optional[int], name: str) -> 
     values = np.unique(sitk.GetArrayViewFromImage(label))
     if not (label_value in values if label_value else (values != 0).any()):
         wanted = f"no voxel of the tumour's value {label_value}" if label_value else "no labelled voxel"
-        raise HTTPException(status_code=422, detail=f"the final label of {name} has {wanted} (its values: "
-                            f"{values.tolist()[:10]}; --conf label_value)")
+        raise InvalidRequest(f"the final label of {name} has {wanted} (its values: {values.tolist()[:10]}; "
+                             "--conf label_value)")
 
 
 class Sam3DTrainer(TrainTask):
