@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
 from evaluate import background_changes  # noqa: E402
 from lib.cases import find_cases, strip_extension  # noqa: E402
-from lib.demo import DEMO_FILE  # noqa: E402
+from lib.training.demo import DEMO_FILE  # noqa: E402
 from lib.regions import grown_box  # noqa: E402
 from lib.settings import OPTIONS  # noqa: E402
 from lib.training.evaluate import NSD_TOLERANCE_MM, dice, dice_auc, surface_dice, worst_drop  # noqa: E402

@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
 
 from lib.cases import EXTENSIONS, find_cases  # noqa: E402
-from lib.demo import DEMO_FILE  # noqa: E402
+from lib.training.demo import DEMO_FILE  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.training.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
 from lib.training.evaluate import dice  # noqa: E402

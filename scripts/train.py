@@ -61,9 +61,8 @@ def main() -> None:
         raise SystemExit(f"--batch-size: {e}") from None
 
     torch.manual_seed(args.seed)
-    model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
-    model.to(args.device)
-    model.bfloat16 = args.bfloat16 or args.device.startswith("cuda")
+    bfloat16 = args.bfloat16 or args.device.startswith("cuda")
+    model = build_sam3d(args.checkpoint, args.backbone, args.sam_checkpoint, bfloat16).to(args.device)
     backbone = model.weights_info["backbone"]
 
     label_value = args.label_value or PRESETS[args.preset].tumour_value

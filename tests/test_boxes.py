@@ -10,8 +10,8 @@ import torch
 from lib.errors import InvalidRequest
 from lib.engine.cache import BoundedCache, tensor_bytes
 from lib.engine.segment import Segmenter
-from lib.model import CONFIGS, Box, Clicks, CropEncoding, create_model
-from lib.model.sam3d import OUTSIDE_BOX_LOGIT
+from lib.model import CONFIGS, Box, Clicks, CropEncoding, Sam3DPredictor, create_model
+from lib.model.predictor import OUTSIDE_BOX_LOGIT
 from lib.training.evaluate import challenge_auc, slice_axis
 from lib.training.simulated_user import challenge_box
 from lib.transforms.crops import plan_crops
@@ -125,27 +125,26 @@ def test_an_untrained_box_prompt_changes_nothing_and_serves_the_box_by_its_centr
     dense = box.mask(TINY.crop_size)
     points = torch.tensor([[10, 12, 14]])
     assert torch.equal(model.decode(encoding, points[None]), model.decode(encoding, points[None], box=dense[None, None]))
-    answer = model.correction_logits(encoding, Clicks(np.zeros((0, 3)), np.zeros((0, 3)), "crop"), box=box)
-    centre = model.correction_logits(encoding, Clicks([box.centre], np.zeros((0, 3)), "crop"))
+    answer = Sam3DPredictor(model).correction_logits(encoding, Clicks(np.zeros((0, 3)), np.zeros((0, 3)), "crop"), box=box)
+    centre = Sam3DPredictor(model).correction_logits(encoding, Clicks([box.centre], np.zeros((0, 3)), "crop"))
     kept = box.grown(0.25, 2).clipped((TINY.crop_size,) * 3).mask(TINY.crop_size)
     assert torch.equal(answer[kept], centre[kept]) and (answer[~kept] == OUTSIDE_BOX_LOGIT).all()
 
 
 def test_a_trained_box_prompt_changes_the_answer_only_when_a_box_is_sent():
     torch.manual_seed(0)
-    model = create_model(TINY).eval()
-    model.correction_trained = True
+    model = create_model(TINY, correction_trained=True).eval()
     encoding = encoded(model)
     clicks = Clicks([[10, 12, 14]], np.zeros((0, 3)), "crop")
-    before = model.correction_logits(encoding, clicks)
+    before = Sam3DPredictor(model).correction_logits(encoding, clicks)
     with torch.no_grad():
         model.prompt_encoder.box_prompt.embed[-1].weight.normal_(0, 0.5)
     assert model.box_trained
-    assert torch.equal(model.correction_logits(encoding, clicks), before)  # no box: bit for bit as before
+    assert torch.equal(Sam3DPredictor(model).correction_logits(encoding, clicks), before)  # no box: bit for bit as before
     box = Box([4, 6, 8], [20, 24, 22], "crop")
-    alone = model.correction_logits(encoding, Clicks(np.zeros((0, 3)), np.zeros((0, 3)), "crop"), box=box)
+    alone = Sam3DPredictor(model).correction_logits(encoding, Clicks(np.zeros((0, 3)), np.zeros((0, 3)), "crop"), box=box)
     assert alone.shape == (TINY.crop_size,) * 3 and torch.isfinite(alone).all()
-    assert not torch.equal(model.correction_logits(encoding, clicks, box=box)[box.mask(TINY.crop_size)],
+    assert not torch.equal(Sam3DPredictor(model).correction_logits(encoding, clicks, box=box)[box.mask(TINY.crop_size)],
                            before[box.mask(TINY.crop_size)])
 
 

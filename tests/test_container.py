@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from conftest import ROOT, free_port, inside_ellipsoid, mask_points_ras
+from conftest import ROOT, free_port, inside_ellipsoid, mask_points_ras, train_and_wait
 from test_readme_examples import README_URL, readme_blocks
 
 pytestmark = [pytest.mark.container, pytest.mark.skipif(
@@ -154,11 +154,7 @@ def test_training_publishes_into_the_volume_and_a_new_container_serves_it(engine
     (tmp_path / "saved.nii.gz").write_bytes(saved)
     assert np.array_equal(nib.load(tmp_path / "saved.nii.gz").get_fdata(), nib.load(mask_path).get_fdata())
 
-    client.train_start("sam3d", {"steps": 4})
-    deadline = time.monotonic() + 900
-    while (task := client.train_status())["status"] not in ("DONE", "ERROR"):
-        assert time.monotonic() < deadline, "training did not finish in 15 minutes"
-        time.sleep(2)
+    task = train_and_wait(client, {"steps": 4}, seconds=900)
     assert task["status"] == "DONE", task
     assert client.info()["train_stats"]["sam3d"]["steps"] == 4
     published = container.exec("sha256sum", f"{MODEL_DIR}/sam3d.pt")

@@ -90,7 +90,7 @@ def test_a_lesion_inside_one_crop_gives_the_same_mask_as_before(trained_tiny_lar
     (the crop planned on the click, encoded, decoded, pasted into zeros)."""
     from lib.engine.cache import BoundedCache, tensor_bytes
     from lib.engine.segment import Segmenter
-    from lib.model import Clicks, CropEncoding, build_sam3d
+    from lib.model import Clicks, CropEncoding, Sam3DPredictor, build_sam3d
     from lib.transforms.crops import extract_crop, paste_max, plan_crops
     from lib.training.simulated_user import interior_click
 
@@ -104,7 +104,7 @@ def test_a_lesion_inside_one_crop_gives_the_same_mask_as_before(trained_tiny_lar
         served = segmenter.segment(volume, crops, clicks, "kits")
         before = torch.zeros(volume.shape)
         encoding = model.encode(extract_crop(volume, crops[0])[None, None])
-        paste_max(before, model.foreground_probability(encoding, crops[0].clicks), crops[0].start)
+        paste_max(before, Sam3DPredictor(model).foreground_probability(encoding, crops[0].clicks), crops[0].start)
         assert len(served.crops) == 1 and not served.zoomed_crops and not served.growth_bounded
         assert (before > 0.5).sum() > 100  # the model finds the lesion
         assert torch.equal(served.prob, before)

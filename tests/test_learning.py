@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CrashingVolumes, load_kits, tiny_trainable
-from lib.model import build_sam3d
+from lib.model import Sam3DPredictor, build_sam3d
 from lib.training.evaluate import lesion_dice
 from lib.training.fit import fit
 from lib.transforms.presets import PRESETS
@@ -131,8 +131,8 @@ def test_background_clicks_train_through_the_inference_rule(training_studies):
     encoding = model.encode_with_grad(crop[None, None])
     inside = torch.as_tensor(np.array(np.nonzero(truth.numpy())).T[0])
     outside = torch.as_tensor(np.array(np.nonzero(~truth.numpy())).T[0])
-    logit = model.click_logits(encoding, torch.stack([inside, outside]), torch.tensor([1, 0]))
-    foreground_only = model.click_logits(encoding, inside[None], torch.tensor([1]))
+    logit = Sam3DPredictor(model).click_logits(encoding, torch.stack([inside, outside]), torch.tensor([1, 0]))
+    foreground_only = Sam3DPredictor(model).click_logits(encoding, inside[None], torch.tensor([1]))
     assert (logit <= foreground_only).all()
     assert (logit < foreground_only).any()  # the background answer removed something
     with_background = torch.autograd.grad(logit.sum(), encoding.deep, retain_graph=True)[0]

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.model import CONFIGS, CheckpointError, Clicks, build_sam3d, create_model, freeze_backbone, save_sam3d, trainable_names
+from lib.model import (
+    CONFIGS, CheckpointError, Clicks, Sam3DPredictor, build_sam3d, create_model, freeze_backbone, save_sam3d, trainable_names,
+)
 from lib.model.image_encoder import (
     Block3d,
     relative_position_table,
@@ -16,7 +18,7 @@ from lib.model.image_encoder import (
 )
 from lib.model.prompt_encoder import PromptEncoder3d
 from lib.model.checkpoints import SAM3D_ONLY
-from lib.model.sam3d import exclude_background
+from lib.model.predictor import exclude_background
 
 TINY = CONFIGS["tiny"]
 
@@ -39,7 +41,7 @@ def perturb(model, scale=0.05, sam3d_prompts=False):
 
 def test_predict_crop_shapes_and_range(tiny):
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
-    prob = tiny.predict_crop(crop, torch.tensor([[3, 17, 29]]))
+    prob = Sam3DPredictor(tiny).predict_crop(crop, torch.tensor([[3, 17, 29]]))
     assert prob.shape == crop.shape and prob.dtype == torch.float32
     assert 0 <= prob.min() and prob.max() <= 1
 
@@ -53,7 +55,7 @@ def test_encoder_features_are_four_maps_on_the_token_grid(tiny):
 def test_predict_crop_rejects_points_outside_the_crop(tiny):
     crop = torch.zeros(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     with pytest.raises(ValueError, match="inside the crop"):
-        tiny.predict_crop(crop, torch.tensor([[0, 0, TINY.crop_size]]))
+        Sam3DPredictor(tiny).predict_crop(crop, torch.tensor([[0, 0, TINY.crop_size]]))
 
 
 def test_visual_sampler_reads_the_feature_at_the_click_in_d_h_w_order():
@@ -159,10 +161,10 @@ def test_background_clicks_only_remove(tiny):
     perturb(tiny, 0.2)
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     encoding = tiny.encode(crop[None, None])
-    fg_only = tiny.foreground_probability(encoding, crop_clicks([[10, 10, 10]]))
-    both = tiny.foreground_probability(encoding, crop_clicks([[10, 10, 10], [25, 5, 20]], [1, 0]))
+    fg_only = Sam3DPredictor(tiny).foreground_probability(encoding, crop_clicks([[10, 10, 10]]))
+    both = Sam3DPredictor(tiny).foreground_probability(encoding, crop_clicks([[10, 10, 10], [25, 5, 20]], [1, 0]))
     assert (both <= fg_only).all()
-    nothing = tiny.foreground_probability(encoding, crop_clicks([[25, 5, 20]], [0]))
+    nothing = Sam3DPredictor(tiny).foreground_probability(encoding, crop_clicks([[25, 5, 20]], [0]))
     assert (nothing == 0).all()
 
 
@@ -172,8 +174,8 @@ def test_the_background_rule_never_removes_what_is_nearer_the_foreground_click(t
     perturb(tiny, 0.2)
     encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     points, labels = torch.tensor([[8, 16, 16], [24, 16, 16]]), torch.tensor([1, 0])
-    fg_only = tiny.click_logits(encoding, points[:1], labels[:1])
-    both = tiny.click_logits(encoding, points, labels)
+    fg_only = Sam3DPredictor(tiny).click_logits(encoding, points[:1], labels[:1])
+    both = Sam3DPredictor(tiny).click_logits(encoding, points, labels)
     assert torch.equal(both[:16], fg_only[:16])  # d < 16: nearer the foreground click at d = 8
 
 
@@ -182,8 +184,8 @@ def test_sam3d_prompts_start_at_zero_so_an_authors_model_answers_as_theirs():
     model = create_model(TINY).eval()
     encoding = model.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     points = torch.tensor([[5, 9, 30], [20, 20, 3]])
-    plain = model.click_logits(encoding, points, torch.tensor([1, 1]))
-    with_previous = model.click_logits(encoding, points, torch.tensor([1, 1]), previous=torch.randn((TINY.crop_size,) * 3))
+    plain = Sam3DPredictor(model).click_logits(encoding, points, torch.tensor([1, 1]))
+    with_previous = Sam3DPredictor(model).click_logits(encoding, points, torch.tensor([1, 1]), previous=torch.randn((TINY.crop_size,) * 3))
     assert torch.equal(plain, with_previous)
 
 
@@ -197,15 +199,15 @@ def test_an_untrained_refiner_is_skipped_when_serving_and_still_learns_in_traini
     encoding = model.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     points, labels = torch.tensor([[5, 9, 30], [20, 20, 3]]), torch.tensor([1, 1])
     with torch.no_grad():
-        served = model.click_logits(encoding, points, labels)
+        served = Sam3DPredictor(model).click_logits(encoding, points, labels)
     assert runs == []
-    trained = model.click_logits(encoding, points, labels)
+    trained = Sam3DPredictor(model).click_logits(encoding, points, labels)
     assert runs == [1] and torch.equal(served, trained.detach())
     trained.sigmoid().mean().backward()
     assert model.refiner.net[-1].weight.grad.abs().sum() > 0
     with torch.no_grad():
         model.refiner.net[-1].bias.fill_(0.1)  # a trained refiner runs when serving
-        model.click_logits(encoding, points, labels)
+        Sam3DPredictor(model).click_logits(encoding, points, labels)
     assert runs == [1, 1]
 
 
@@ -224,23 +226,23 @@ class CountingMemo(dict):
 
 def test_corrections_replay_in_an_order_the_request_decides_and_reuse_earlier_rounds(tiny):
     perturb(tiny, 0.2, sam3d_prompts=True)
-    tiny.correction_trained = True
+    tiny = tiny.sharing_weights(correction_trained=True)
     encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     points, labels = torch.tensor([[8, 16, 16], [24, 16, 16], [12, 10, 20]]), torch.tensor([1, 0, 1])
-    fresh = tiny.correction_logits(encoding, crop_clicks(points, labels))
+    fresh = Sam3DPredictor(tiny).correction_logits(encoding, crop_clicks(points, labels))
     # by hand: foreground clicks first (in order sent), then background; each round sees the previous one
     order = [0, 2, 1]
     previous = None
     for rounds in range(1, 4):
         chosen = order[:rounds]
-        previous = tiny.click_logits(encoding, points[chosen], labels[chosen], previous)
+        previous = Sam3DPredictor(tiny).click_logits(encoding, points[chosen], labels[chosen], previous)
     assert torch.equal(fresh, previous)
 
     memo = CountingMemo()
     first_two = crop_clicks(points[:2], labels[:2])
-    assert torch.equal(tiny.correction_logits(encoding, first_two, memo), tiny.correction_logits(encoding, first_two))
+    assert torch.equal(Sam3DPredictor(tiny).correction_logits(encoding, first_two, memo), Sam3DPredictor(tiny).correction_logits(encoding, first_two))
     assert memo.computed == 2
-    assert torch.equal(tiny.correction_logits(encoding, crop_clicks(points, labels), memo), fresh)  # with the memo: same answer
+    assert torch.equal(Sam3DPredictor(tiny).correction_logits(encoding, crop_clicks(points, labels), memo), fresh)  # with the memo: same answer
     assert memo.computed == 4  # round (fg0) was reused; (fg0, fg2) and (fg0, fg2, bg1) were new
 
 
@@ -249,19 +251,19 @@ def test_the_rule_reuses_the_foreground_answer_when_a_background_click_is_added(
     one was computed by the request before, so the background click costs one decoder pass, and the answer is the
     one computed afresh."""
     perturb(tiny, 0.2)
-    tiny.correction_trained = False
+    tiny = tiny.sharing_weights(correction_trained=False)
     encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     decoder_passes = []
     hook = tiny.mask_decoder.register_forward_hook(lambda *_: decoder_passes.append(1))
     try:
         memo = CountingMemo()
         first = crop_clicks([[8, 16, 16]])
-        assert torch.equal(tiny.correction_logits(encoding, first, memo), tiny.correction_logits(encoding, first))
+        assert torch.equal(Sam3DPredictor(tiny).correction_logits(encoding, first, memo), Sam3DPredictor(tiny).correction_logits(encoding, first))
         decoder_passes.clear()
         with_background = crop_clicks([[8, 16, 16], [24, 16, 16]], [1, 0])
-        answer = tiny.correction_logits(encoding, with_background, memo)
+        answer = Sam3DPredictor(tiny).correction_logits(encoding, with_background, memo)
         assert len(decoder_passes) == 1
-        assert torch.equal(answer, tiny.correction_logits(encoding, with_background))  # what no memo gives
+        assert torch.equal(answer, Sam3DPredictor(tiny).correction_logits(encoding, with_background))  # what no memo gives
         assert len(decoder_passes) == 3
     finally:
         hook.remove()
@@ -272,7 +274,7 @@ def test_cached_refinement_equals_full_recompute(tiny):
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     points = torch.tensor([[4, 20, 9], [6, 22, 11]])
     encoding = tiny.encode(crop[None, None])
-    assert torch.equal(tiny.foreground_probability(encoding, crop_clicks(points)), tiny.predict_crop(crop, points))
+    assert torch.equal(Sam3DPredictor(tiny).foreground_probability(encoding, crop_clicks(points)), Sam3DPredictor(tiny).predict_crop(crop, points))
 
 
 def test_frozen_and_trainable_parts_follow_the_paper(tiny):
@@ -366,7 +368,7 @@ def test_authors_format_round_trips(tiny, tmp_path):
             assert torch.equal(loaded.state_dict()[key], tensor), key
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     points = torch.tensor([[5, 9, 30]])
-    assert torch.equal(loaded.predict_crop(crop, points), tiny.predict_crop(crop, points))
+    assert torch.equal(Sam3DPredictor(loaded).predict_crop(crop, points), Sam3DPredictor(tiny).predict_crop(crop, points))
     assert "authors' format" in loaded.weights_info["adapters"]
 
 
@@ -410,7 +412,7 @@ def test_a_checkpoint_from_before_the_refiners_likeness_input_loads_and_answers_
     """sam3d checkpoints written before the refiner read the foreground clicks' likeness map hold a first
     convolution with one input fewer; they load with a zero weight for it, so their masks do not change."""
     perturb(tiny, 0.2, sam3d_prompts=True)
-    tiny.correction_trained = True
+    tiny = tiny.sharing_weights(correction_trained=True)
     with torch.no_grad():
         tiny.refiner.net[0].weight[:, -1] = 0  # what the older model computed: no likeness input
     path = tmp_path / "older.pt"
@@ -423,7 +425,7 @@ def test_a_checkpoint_from_before_the_refiners_likeness_input_loads_and_answers_
     encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     clicks = crop_clicks([[8, 16, 16], [24, 16, 16], [12, 10, 20]], [1, 0, 1])
     assert loaded.correction_trained
-    assert torch.equal(loaded.foreground_probability(encoding, clicks), tiny.foreground_probability(encoding, clicks))
+    assert torch.equal(Sam3DPredictor(loaded).foreground_probability(encoding, clicks), Sam3DPredictor(tiny).foreground_probability(encoding, clicks))
 
 
 def test_the_likeness_map_marks_voxels_that_look_like_a_foreground_click_near_it():
@@ -488,11 +490,11 @@ def test_bfloat16_autocast_stays_close_to_float32(tiny):
     perturb(tiny)
     crop = torch.randn(TINY.crop_size, TINY.crop_size, TINY.crop_size)
     points = torch.tensor([[4, 20, 9]])
-    full = tiny.predict_crop(crop, points)
-    tiny.bfloat16 = True
-    half = tiny.predict_crop(crop, points)
-    assert half.dtype == torch.float32
-    assert tiny.encode(crop[None, None]).deep.dtype == torch.bfloat16  # the cache holds half the bytes
+    full = Sam3DPredictor(tiny).predict_crop(crop, points)
+    half_model = tiny.sharing_weights(bfloat16=True)
+    half = Sam3DPredictor(half_model).predict_crop(crop, points)
+    assert half.dtype == torch.float32 and not tiny.bfloat16
+    assert half_model.encode(crop[None, None]).deep.dtype == torch.bfloat16  # the cache holds half the bytes
     assert 0 < (half - full).abs().max() < 0.1
 
 

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from lib.engine.cache import BoundedCache, CropRounds, tensor_bytes
-from lib.model import Clicks, CropEncoding, build_sam3d
+from lib.model import Clicks, CropEncoding, Sam3DPredictor, build_sam3d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -125,7 +125,7 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
     clicks, refine = (torch.as_tensor(c.foreground, device=device) for c in (first, refined))
     rows = {}
     rows["refinement click, cached (s)"], _ = timed(
-        lambda: model.foreground_probability(encoding, refined), repeats, "refinement"
+        lambda: Sam3DPredictor(model).foreground_probability(encoding, refined), repeats, "refinement"
     )
     # A correction-trained model's refinement: one decoder round that also reads the previous mask; the
     # authors' checkpoints take a background click through the rule instead (two decoder passes).
@@ -142,13 +142,14 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
         for p in last.parameters():
             p.normal_(0, 0.01)
 
+    corrected, authors = (Sam3DPredictor(model.sharing_weights(correction_trained=kind)) for kind in (True, False))
+
     @torch.no_grad()
-    def background_click(correction_trained: bool, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
-        model.correction_trained = correction_trained
-        return model.click_logits(encoding, both, labels, previous)
+    def background_click(predictor: Sam3DPredictor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return predictor.click_logits(encoding, both, labels, previous)
 
     rows["correction round with the previous mask (s)"], _ = timed(
-        lambda: background_click(True, noise), repeats, "round"
+        lambda: background_click(corrected, noise), repeats, "round"
     )
     # The refiner alone (part of every round of a correction-trained model): over the whole crop in a first round,
     # in the bounding box of the masks and clicks in a correction round (here a 40-voxel lesion's); the second click
@@ -162,18 +163,17 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
     with torch.no_grad():
         for p, value in zip(last.parameters(), untrained):
             p.copy_(value)
-    rows["background click by the rule (s)"], _ = timed(lambda: background_click(False), repeats, "rule")
+    rows["background click by the rule (s)"], _ = timed(lambda: background_click(authors), repeats, "rule")
     # In a session the rule's foreground answer was computed by the request before (the memo keeps it): a
     # background click then decodes the background side only.
     with torch.no_grad():
-        foreground_answer = model.object_logits(encoding, clicks, None, None)
+        foreground_answer = authors.object_logits(encoding, clicks, None, None)
 
     @torch.no_grad()
     def background_click_after_foreground() -> torch.Tensor:
-        model.correction_trained = False
         memo = CropRounds(BoundedCache(2**40, tensor_bytes), "benchmark")
         memo.put(clicks, torch.ones(len(clicks), dtype=torch.long, device=device), foreground_answer)
-        return model.click_logits(encoding, both, labels, memo=memo)
+        return authors.click_logits(encoding, both, labels, memo=memo)
 
     rows["background click by the rule, foreground answer kept (s)"], _ = timed(
         background_click_after_foreground, repeats, "rule, kept"
@@ -212,8 +212,8 @@ def model_figures(args) -> Dict[str, str]:
     refine = clicks + torch.tensor([[2, -4, 6]], device=device)
     first, refined = (Clicks.from_points(c, None, "crop") for c in (clicks, refine))
 
-    def first_click():
-        return model.foreground_probability(model.encode(crop[None, None]), first)
+    def first_click(served=model):
+        return Sam3DPredictor(served).foreground_probability(served.encode(crop[None, None]), first)
 
     rows = {}
     rows["first click (s)"], prob = timed(first_click, args.repeats, "first click")
@@ -225,15 +225,14 @@ def model_figures(args) -> Dict[str, str]:
         rows["refinement speed-up vs reference"] = rows["reference forward (s)"] / rows["refinement click, cached (s)"]
         rows["max |p_ours - p_reference|"] = (prob.float() - reference_prob.float()).abs().max().item()
     if args.bfloat16:
-        model.bfloat16 = True
-        rows["first click, bfloat16 (s)"], half = timed(first_click, args.repeats, "first click bf16")
+        half_model = model.sharing_weights(bfloat16=True)
+        rows["first click, bfloat16 (s)"], half = timed(lambda: first_click(half_model), args.repeats, "first click bf16")
         half, prob = half.float(), prob.float()
         rows["max |p_bf16 - p_fp32|"] = (half - prob).abs().max().item()
         a, b = half > 0.5, prob > 0.5
         rows["Dice(bf16 mask, fp32 mask)"] = (2 * (a & b).sum() / (a.sum() + b.sum()).clamp(min=1)).item()
         if reference:
             rows["first click bfloat16 speed-up vs reference"] = rows["reference forward (s)"] / rows["first click, bfloat16 (s)"]
-        model.bfloat16 = False
     macs = count_macs(first_click)
     throughput = matmul_throughput(device)
     rows["first click MACs (counted)"] = macs

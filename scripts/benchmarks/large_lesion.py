@@ -25,7 +25,7 @@ import torch
 
 from lib.engine.cache import BoundedCache, tensor_bytes
 from lib.engine.segment import FollowBounds, Segmenter
-from lib.model import CONFIGS, Clicks, CropEncoding, build_sam3d
+from lib.model import CONFIGS, Clicks, CropEncoding, Sam3DPredictor, build_sam3d
 from lib.phantoms import large_studies, write_studies
 from lib.training.simulated_user import protocol_click
 from lib.training.data import load_labelled
@@ -45,8 +45,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone).to(args.device).eval()
-    model.bfloat16 = args.bfloat16
+    model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, bfloat16=args.bfloat16).to(args.device).eval()
     size = model.crop_size
     with tempfile.TemporaryDirectory() as folder:
         study = large_studies(1, seed=args.seed, crop_mm=float(size), extent=(args.extent, args.extent))[0]
@@ -64,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                          BoundedCache(2**32, tensor_bytes), bounds)
 
     with torch.no_grad():  # warm-up: one crop, one-off costs (allocator, kernels) out of the figure
-        model.foreground_probability(model.encode(torch.zeros(1, 1, size, size, size, device=args.device)),
+        Sam3DPredictor(model).foreground_probability(model.encode(torch.zeros(1, 1, size, size, size, device=args.device)),
                                      Clicks([[size // 2] * 3], np.zeros((0, 3)), "crop"))
     start = time.perf_counter()
     result = segmenter().segment(volume, crops, clicks, "kits")

@@ -86,9 +86,8 @@ class ReferenceTraining(ReferenceModel):
 
 def ours(args, checkpoint: Optional[str], bfloat16: bool, checkpointing: bool, crop, label) -> Callable[[], float]:
     torch.manual_seed(0)  # the same initial weights in every variant when there is no checkpoint
-    model = build_sam3d(checkpoint=checkpoint, backbone=args.backbone).to(args.device).train()
+    model = build_sam3d(checkpoint=checkpoint, backbone=args.backbone, bfloat16=bfloat16).to(args.device).train()
     freeze_backbone(model)  # the paper's trainable parts, as the reference trains, whatever the backbone's weights
-    model.bfloat16 = bfloat16
     model.image_encoder.gradient_checkpointing = checkpointing
     optimizer, _ = fit.make_optimizer(model, steps=1)  # the schedule is never stepped: one step's cost
     # One foreground click, then args.rounds - 1 correction rounds (1: one decoder pass, as in the reference's

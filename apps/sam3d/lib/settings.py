@@ -66,7 +66,7 @@ def parse_label_value(value: Any, labels: Sequence[str], what: str) -> Optional[
         raise ValueError(f"{what}: {value!r} is not any, a whole number or one of the labels {list(labels)}") from None
 
 
-DEMO = "demo"  # the checkpoint setting that serves the demo weights (lib/demo.py)
+DEMO = "demo"  # the checkpoint setting that serves the demo weights (lib/training/demo.py)
 NO_FILE = "none"
 MEGABYTE = 2**20
 BACKBONES, PRESET_NAMES = tuple(CONFIGS), tuple(PRESETS)

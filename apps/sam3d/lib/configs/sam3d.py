@@ -12,7 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.sam3d_infer import Sam3DInfer
 from lib.trainers.sam3d_trainer import Sam3DTrainer
-from lib.demo import demo_weights
+from lib.training.demo import demo_weights
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
 from lib.model.build import ModelSource, resolve_backbone, served_file
 from lib.settings import DEMO, Settings

@@ -71,7 +71,7 @@ class BoundedCache(Generic[Value]):
 
 
 class CropRounds:
-    """The answers of one crop encoding already computed, by their clicks (``Sam3D.correction_logits``'s memo:
+    """The answers of one crop encoding already computed, by their clicks (``Sam3DPredictor.correction_logits``'s memo:
     correction rounds, or the rule's one-object answers), kept in a cache shared by all crops. A pure memo: a
     request's answer never depends on what is in it."""
 

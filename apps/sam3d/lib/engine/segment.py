@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from lib.model import Box, Clicks, CropEncoding, Sam3D
-from lib.model.sam3d import BOX_MARGIN, kept_near_box
+from lib.model import Box, Clicks, CropEncoding, Sam3D, Sam3DPredictor
+from lib.model.predictor import BOX_MARGIN, kept_near_box
 from lib.regions import deepest_voxel
 from lib.transforms.crops import Crop, box_slices, crop_start, extract_box, paste_max, zoomed_box
 
@@ -155,6 +155,7 @@ class Segmenter:
         self, model: Sam3D, version: str, cache: BoundedCache, rounds: BoundedCache, bounds: FollowBounds = FollowBounds()
     ) -> None:
         self.model = model
+        self.predictor = Sam3DPredictor(model)
         self.version = version
         self.cache = cache
         self.rounds = rounds
@@ -217,10 +218,10 @@ class Segmenter:
         self, request: Request, pixels: torch.Tensor, clicks: Clicks, box: Optional[Box] = None
     ) -> torch.Tensor:
         """A crop's foreground log-odds (S, S, S) for the request's clicks and box in it (``"crop"`` frame), every
-        prompt replayed as the server replays a request (``Sam3D.correction_logits``)."""
+        prompt replayed as the server replays a request (``Sam3DPredictor.correction_logits``)."""
         encoding, key = self.encode(request, pixels)
         memo = CropRounds(self.rounds, key if box is None else f"{key}/{box.key()}")
-        return self.model.correction_logits(encoding, clicks, memo, box).float().cpu()
+        return self.predictor.correction_logits(encoding, clicks, memo, box).float().cpu()
 
     def fits(self, crop: Crop) -> bool:
         """Whether the crop's box lies inside the crop."""
@@ -352,5 +353,5 @@ class Segmenter:
             if crop.box is not None and self.model.box_trained:
                 share = crop.box.in_crop(tile, self.size)
                 share = None if share is None else share.mask(self.size)
-            answer = self.model.click_logits(encoding, points, labels, region[box].clone(), box=share).float().cpu()
+            answer = self.predictor.click_logits(encoding, points, labels, region[box].clone(), box=share).float().cpu()
             region[box] = torch.where(band[box], answer, region[box])

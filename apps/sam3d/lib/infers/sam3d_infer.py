@@ -14,7 +14,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.activelearning.uncertain import mask_uncertainty
-from lib.model import Box, CheckpointError, Clicks, CropEncoding, Sam3D
+from lib.model import Box, CheckpointError, Clicks, CropEncoding, Sam3D, Sam3DPredictor
 from lib.settings import Settings
 from lib.transforms.cached import CachedPreprocessd
 from lib.errors import InvalidRequest
@@ -84,7 +84,7 @@ class Sam3DInfer(BasicInferTask):
         start = time.time()
         with self._model_lock:
             encoding = self.model.encode(torch.zeros(1, 1, size, size, size, device=self.device))
-            self.model.foreground_probability(encoding, Clicks([[size // 2] * 3], np.zeros((0, 3)), "crop"))
+            Sam3DPredictor(self.model).foreground_probability(encoding, Clicks([[size // 2] * 3], np.zeros((0, 3)), "crop"))
         self.warmed_up.set()
         logger.info(f"sam3d: warm-up done in {time.time() - start:.1f}s")
 

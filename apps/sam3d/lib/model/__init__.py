@@ -3,6 +3,7 @@
 from .build import CONFIGS, Sam3DConfig, build_sam3d, create_model, freeze_backbone, trainable_names
 from .checkpoints import CheckpointError, save_sam3d
 from .clicks import Box, Clicks
+from .predictor import Sam3DPredictor
 from .sam3d import CropEncoding, Sam3D
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "CropEncoding",
     "Sam3D",
     "Sam3DConfig",
+    "Sam3DPredictor",
     "build_sam3d",
     "create_model",
     "freeze_backbone",

@@ -62,7 +62,7 @@ TRAINABLE = re.compile(
 )
 
 
-def create_model(config: Sam3DConfig) -> Sam3D:
+def create_model(config: Sam3DConfig, correction_trained: bool = False, bfloat16: bool = False) -> Sam3D:
     encoder = ImageEncoder3d(
         embed_dim=config.embed_dim,
         depth=config.depth,
@@ -79,7 +79,7 @@ def create_model(config: Sam3DConfig) -> Sam3D:
     )
     prompt = PromptEncoder3d(config.out_chans, config.prompt_heads, config.prompt_mlp_dim)
     decoder = MaskDecoder3d(config.out_chans, config.decoder_chans)
-    return Sam3D(encoder, prompt, decoder, Refiner(config.refiner_chans), config.crop_size)
+    return Sam3D(encoder, prompt, decoder, Refiner(config.refiner_chans), config.crop_size, correction_trained, bfloat16)
 
 
 def trainable_names(model: nn.Module) -> Sequence[str]:
@@ -144,6 +144,7 @@ def build_sam3d(
     checkpoint: Optional[str] = None,
     backbone: Optional[str] = None,
     sam_checkpoint: Optional[str] = None,
+    bfloat16: bool = False,
 ) -> Sam3D:
     """Build the model in eval mode.
 
@@ -151,12 +152,14 @@ def build_sam3d(
         segment-anything checkpoint (backbone only; adapters untrained).
     backbone: 'vit_b', 'vit_l', 'vit_h' or 'tiny'; by default read from the checkpoint, else 'vit_b'.
     sam_checkpoint: a segment-anything checkpoint for the frozen backbone under our checkpoints.
+    bfloat16: run the model under bfloat16 autocast (outputs differ slightly from float32).
     """
     obj = read_checkpoint(checkpoint) if checkpoint else None
     kind = detect_format(obj) if obj is not None else None
     backbone = choose_backbone(checkpoint, checkpoint_backbone(obj), backbone)
 
-    model = create_model(CONFIGS[backbone])
+    meta = obj.get("meta", {}) if kind == "sam3d" else {}
+    model = create_model(CONFIGS[backbone], bool(meta.get("correction_trained")), bfloat16)
     reports = []
     sam_path = checkpoint if kind == "sam" else sam_checkpoint
     # The one fact that decides what trains: whether the image backbone holds pretrained weights.
@@ -168,8 +171,6 @@ def build_sam3d(
             reports.append(load_sam(model, obj if kind == "sam" else read_checkpoint(sam_path), sam_path))
         if kind == "sam3d":
             reports.append(load_sam3d(model, obj, checkpoint))
-    meta = obj.get("meta", {}) if kind == "sam3d" else {}
-    model.correction_trained = bool(meta.get("correction_trained"))
     model.weights_info = describe_weights(backbone, kind, checkpoint, sam_checkpoint, reports, meta, pretrained_backbone)
 
     model.trained_names = trained_names(model, pretrained_backbone)
@@ -224,7 +225,7 @@ def describe_weights(
         "backbone": backbone,
         "pretrained_backbone": pretrained_backbone,
         # How clicks are served: correction-trained models see the previous prediction and learned background
-        # clicks; others (the authors') take background clicks through a fixed rule (lib/model/sam3d.py).
+        # clicks; others (the authors') take background clicks through a fixed rule (lib/model/predictor.py).
         "correction_trained": bool(meta.get("correction_trained")),
         "checkpoint": checkpoint,
         "sam_backbone": sam,
@@ -260,6 +261,5 @@ class ModelSource:
 
     def build(self, device: Optional[str] = None) -> Sam3D:
         checkpoint = served_file(self.published, self.checkpoint)
-        model = build_sam3d(checkpoint=checkpoint, backbone=self.backbone, sam_checkpoint=self.sam_checkpoint)
-        model.bfloat16 = self.bfloat16
+        model = build_sam3d(checkpoint, self.backbone, self.sam_checkpoint, self.bfloat16)
         return model.to(device or self.device)

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from lib.files import atomic_write
-from lib.model import Sam3D
+from lib.model import Sam3D, Sam3DPredictor
 from lib.model.clicks import BOX_TOKEN
 from lib.transforms.presets import Preset
 
@@ -78,6 +78,10 @@ class SimulatedSession(torch.nn.Module):
     def __init__(self, model: Sam3D) -> None:
         super().__init__()
         self.model = model
+        self.predictor = Sam3DPredictor(model)
+        # What this training makes of the weights, decided here once (their checkpoint says so): background clicks
+        # are prompts of their own type and each round sees the previous prediction.
+        model.correction_trained = True
 
     def forward(
         self,
@@ -98,14 +102,13 @@ class SimulatedSession(torch.nn.Module):
         ``rounds`` (the first included) fixes the number of rounds, which is otherwise drawn from
         1..1 + ``max_rounds`` (a benchmark times a step of known work)."""
         model = self.model
-        model.correction_trained = True  # background clicks as prompts of their own; the previous prediction as input
         encoding = model.encode_with_grad(crop)
-        correction_round = model.correction_round
+        correction_round = self.predictor.correction_round
         if model.image_encoder.gradient_checkpointing:
             # Each round's decoder activations at full resolution (about 0.7 GiB for the paper configuration) are
             # recomputed in the backward pass rather than kept, so a step's memory does not grow with its rounds.
             def correction_round(*inputs):
-                return checkpoint(model.correction_round, *inputs, use_reentrant=False)
+                return checkpoint(self.predictor.correction_round, *inputs, use_reentrant=False)
 
         lesion = label[0, 0].bool().cpu().numpy()
         box = None
