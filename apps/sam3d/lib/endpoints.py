@@ -21,6 +21,7 @@ import threading
 from typing import Any, Callable, Dict, Iterator, Optional
 
 from fastapi import BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import JSONResponse
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.utils.convert import nifti_to_dicom_seg
@@ -29,8 +30,6 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.task import AsyncTask
-
-from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from lib.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unreachable
