@@ -148,20 +148,13 @@ def training_studies(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory, training_studies):
-    """The tiny configuration trained for 400 steps on the training studies: (checkpoint path, losses)."""
-    from lib.model import build_sam3d, save_sam3d
-    from lib.training.fit import fit
-    from lib.transforms.presets import PRESETS
+def trained_tiny(demo_server):
+    """The demo weights that the demo server made at its first start (lib/training/demo.py: the tiny configuration,
+    400 steps on 12 generated studies, never the demo ones): a checkpoint path. One training serves both."""
+    from lib.training.demo import DEMO_FILE
 
-    torch.manual_seed(0)
-    model = build_sam3d(backbone="tiny")
-    for p in model.parameters():  # no pretrained backbone exists for the tiny configuration: all of it trains
-        p.requires_grad = True
-    losses, _ = fit(model, training_studies, 400, PRESETS["kits"], lr=1e-3)
-    path = str(tmp_path_factory.mktemp("trained") / "tiny_trained.pt")
-    save_sam3d(model, path, "tiny", [name for name, _ in model.named_parameters()], meta={"preset": "kits"})
-    return path, losses
+    _, _, log_path = demo_server
+    return os.path.join(os.path.dirname(log_path), "sam3d", "model", DEMO_FILE)
 
 
 def train_tiny(tmp_path_factory, name: str, studies) -> Tuple[str, List[float]]:

@@ -38,7 +38,7 @@ def balanced(orthanc, dicom_series, trained_tiny, tmp_path_factory):
         urls = []
         for role in ("trainer", "replica"):
             folder = tmp_path_factory.mktemp(role)
-            conf = CONF + ["--conf", "checkpoint", trained_tiny[0]] + (["--conf", "trainer", urls[0]] if urls else [])
+            conf = CONF + ["--conf", "checkpoint", trained_tiny] + (["--conf", "trainer", urls[0]] if urls else [])
             env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(folder / "dicomweb_cache"),
                    "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": str(LABEL_LIST_SECONDS)}
             proc, url = start_server(copy_app(str(folder)), f"{orthanc}/dicom-web", conf, str(folder / "server.log"), env)

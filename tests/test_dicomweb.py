@@ -35,7 +35,7 @@ ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 @pytest.fixture(scope="module")
 def pacs_server(orthanc, dicom_series, trained_tiny, tmp_path_factory):
-    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny[0],
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny,
             "--conf", "warmup", "false"]
     env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path_factory.mktemp("dicomweb_cache"))}
     proc, url = start_server(APP, f"{orthanc}/dicom-web", conf, str(tmp_path_factory.mktemp("logs") / "server.log"), env)
@@ -324,7 +324,7 @@ def test_a_pacs_that_is_down_or_hung_gets_a_clear_error_in_bounded_time_and_sam3
     folder.mkdir()
     pacs = write_orthanc_config(folder, free_port())
     cache = tmp_path / "cache"
-    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny[0],
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny,
             "--conf", "warmup", "false", "--conf", "dicomweb_timeout", str(timeout)]
     server, url = start_server(APP, f"{pacs}/dicom-web", conf, str(tmp_path / "server.log"),
                                {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache)})

@@ -27,13 +27,12 @@ def held_out_dice(model, demo_studies):
 
 
 def test_a_tiny_model_learns_to_segment_held_out_lesions_from_one_click(trained_tiny, demo_studies):
-    """400 steps on generated studies (the trained_tiny fixture); held out: the three demo studies."""
+    """The demo weights (the trained_tiny fixture: 400 steps on generated studies) against the initialisation they
+    started from; held out: the three demo studies."""
     torch.manual_seed(0)  # the initialisation the training started from
     before = held_out_dice(build_sam3d(backbone="tiny"), demo_studies)
-    path, losses = trained_tiny
-    after = held_out_dice(build_sam3d(checkpoint=path), demo_studies)
+    after = held_out_dice(build_sam3d(checkpoint=trained_tiny), demo_studies)
 
-    assert np.mean(losses[-50:]) < np.mean(losses[:50])
     assert before < 0.3, before
     assert after >= 0.8, (before, after)
 

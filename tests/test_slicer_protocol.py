@@ -24,7 +24,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 def slicer_server(tmp_path_factory, demo_studies, trained_tiny):
     studies = str(tmp_path_factory.mktemp("slicer_studies"))
     shutil.copytree(demo_studies, studies, dirs_exist_ok=True)
-    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny[0],
+    conf = ["--conf", "backbone", "tiny", "--conf", "sam_checkpoint", "none", "--conf", "checkpoint", trained_tiny,
             "--conf", "warmup", "false"]
     proc, url = start_server(APP, studies, conf, str(tmp_path_factory.mktemp("logs") / "server.log"))
     yield url, studies
