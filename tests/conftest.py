@@ -150,11 +150,13 @@ def training_studies(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_tiny(demo_server):
     """The demo weights that the demo server made at its first start (lib/training/demo.py: the tiny configuration,
-    400 steps on 12 generated studies, never the demo ones): a checkpoint path. One training serves both."""
-    from lib.training.demo import DEMO_FILE
+    400 steps on 12 generated studies, never the demo ones): a checkpoint path, as the server's /info/ names it.
+    One training serves both."""
+    import requests
 
-    _, _, log_path = demo_server
-    return os.path.join(os.path.dirname(log_path), "sam3d", "model", DEMO_FILE)
+    weights = requests.get(f"{demo_server[0]}/info/", timeout=60).json()["models"]["sam3d"]["weights"]
+    assert weights["state"] == "demo", weights  # a model published on the demo server would not be these weights
+    return weights["checkpoint"]
 
 
 def train_tiny(tmp_path_factory, name: str, studies) -> Tuple[str, List[float]]:
