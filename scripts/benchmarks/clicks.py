@@ -151,6 +151,28 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
     rows["correction round with the previous mask (s)"], _ = timed(
         lambda: background_click(corrected, noise), repeats, "round"
     )
+    # A refinement adding two prompts at once against one adding one (issue 26): a correction-trained model replays
+    # one round per prompt, so that the answer is a function of the request alone (whoever sent the prompts
+    # before, on whichever server); an authors' checkpoint decodes all prompts at once.
+    third = refine + torch.tensor([0, 4, 0], device=device)
+    one_added, two_added = (
+        Clicks(torch.cat(points).cpu().numpy(), np.zeros((0, 3)), "crop") for points in ([clicks, refine], [clicks, refine, third])
+    )
+    for kind, predictor in (("correction-trained", corrected), ("authors' checkpoint", authors)):
+        with torch.no_grad():
+            first_answer = predictor.correction_logits(encoding, first)
+
+        @torch.no_grad()
+        def refinement(added: Clicks, predictor=predictor, first_answer=first_answer) -> torch.Tensor:
+            memo = CropRounds(BoundedCache(2**40, tensor_bytes), "benchmark")  # the request before: the first click
+            memo.put(*first.points_and_labels(device), first_answer)
+            return predictor.correction_logits(encoding, added, memo)
+
+        one, _ = timed(lambda: refinement(one_added), repeats, f"{kind}: one prompt added")
+        two, _ = timed(lambda: refinement(two_added), repeats, f"{kind}: two prompts added")
+        rows[f"{kind}: refinement adding one prompt (s)"] = one
+        rows[f"{kind}: refinement adding two prompts at once (s)"] = two
+        rows[f"{kind}: two prompts at once / one (ratio)"] = two / one
     # The refiner alone (part of every round of a correction-trained model): over the whole crop in a first round,
     # in the bounding box of the masks and clicks in a correction round (here a 40-voxel lesion's); the second click
     # a foreground one, whose intensity likeness it also computes.
