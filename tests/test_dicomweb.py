@@ -132,6 +132,13 @@ SHOW_AND_LOCATE = """([world, viewportId]) => {
 }"""
 
 
+VIEWPORT_BOX = """(viewportId) => {
+  const viewport = window.cornerstone.getEnabledElements().find(e => e.viewportId === viewportId).viewport;
+  const rect = viewport.canvas.getBoundingClientRect();
+  return {x: rect.left, y: rect.top, width: rect.width, height: rect.height};
+}"""
+
+
 def open_point_prompts(page, server, study_name):
     """OHIF (MONAI Label mode) on ``study_name`` from the PACS, its panel connected to ``server``, the point
     prompts open with the tumour segment chosen."""
@@ -162,6 +169,17 @@ def run_sam3d(page, answers, count):
 def save_screenshot(page, name):
     os.makedirs(ARTIFACTS, exist_ok=True)
     return page.screenshot(path=os.path.join(ARTIFACTS, name))
+
+
+def screenshot_once_drawn(page, name, box, at_least, seconds=60):
+    """A screenshot taken once ``box`` holds more than ``at_least`` green pixels, or the last one after ``seconds``:
+    OHIF draws a returned mask some time after the answer arrives, later on a busy machine."""
+    deadline = time.time() + seconds
+    while True:
+        shot = save_screenshot(page, name)
+        if green_pixels(shot, box) > at_least or time.time() > deadline:
+            return shot
+        page.wait_for_timeout(1000)
 
 
 def request_clicks(answer):
@@ -201,7 +219,7 @@ def test_ohif_in_a_browser_sends_a_click_on_the_lesion_and_shows_the_sam3d_mask(
         page.wait_for_timeout(1000)
         marked = page.screenshot()
         run_sam3d(page, answers, 1)
-        after = save_screenshot(page, "ohif_sam3d.png")
+        after = screenshot_once_drawn(page, "ohif_sam3d.png", box, green_pixels(marked, box) + 50)
         params = request_clicks(answers[0])
         mask_bytes = answers[0].body()
         browser.close()
@@ -292,8 +310,10 @@ def test_ohif_a_background_click_on_a_leak_shrinks_the_leak_and_keeps_the_lesion
         page.get_by_text("tumor", exact=True).click()
         page.wait_for_timeout(1000)
         run_sam3d(page, answers, 2)
-        box = page.locator("canvas").first.bounding_box()
-        after = save_screenshot(page, "ohif_sam3d_background_click.png")
+        # Back to the lesion's slice: the correction may have emptied the leak's.
+        page.evaluate(SHOW_AND_LOCATE, [list(lesion_point), "mpr-axial"])
+        box = page.evaluate(VIEWPORT_BOX, "mpr-axial")
+        after = screenshot_once_drawn(page, "ohif_sam3d_background_click.png", box, 50)
         masks.append(mask_of(answers[1], 2))
         browser.close()
 
