@@ -45,7 +45,7 @@ def start_server(app, studies, conf, log_path, env=None, start_seconds=180):
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"server did not start:\n{open(log_path).read()[-5000:]}") from None
-                time.sleep(1)
+                time.sleep(0.25)
     except BaseException:  # a failed start, or the caller interrupted
         stop_server(proc)
         raise
