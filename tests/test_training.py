@@ -125,7 +125,8 @@ def test_a_killed_training_run_leaves_the_published_model_serving_and_the_next_r
         before = f.read()
     mask_before = click_mask(client, str(tmp_path))
 
-    client.train_start("sam3d", {"steps": 80})
+    steps = 80  # killed once the state is saved (step 25), resumed with enough left to serve clicks meanwhile
+    client.train_start("sam3d", {"steps": steps})
     deadline = time.time() + 300
     while not os.path.exists(state):  # the run saves its state every 25 steps
         assert time.time() < deadline and client.train_status()["status"] in ("SUBMITTED", "RUNNING")
@@ -140,7 +141,7 @@ def test_a_killed_training_run_leaves_the_published_model_serving_and_the_next_r
     build_sam3d(checkpoint=published)  # ... loads ...
     assert np.array_equal(click_mask(client, str(tmp_path)), mask_before)  # ... and is still what is served
 
-    client.train_start("sam3d", {"steps": 80})
+    client.train_start("sam3d", {"steps": steps})
     served_while_training = 0
     while (task := client.train_status())["status"] not in ("DONE", "ERROR"):
         if task["status"] == "RUNNING" and served_while_training < 3:  # clicks share the machine with training
@@ -152,7 +153,7 @@ def test_a_killed_training_run_leaves_the_published_model_serving_and_the_next_r
     assert task["status"] == "DONE", task
     assert served_while_training > 0
     stats = client.info()["train_stats"]["sam3d"]
-    assert 25 <= stats["resumed_at_step"] < 80 and stats["steps"] == 80
+    assert 25 <= stats["resumed_at_step"] < steps and stats["steps"] == steps
     assert not os.path.exists(state)  # published, so the next run starts from the published model
 
 
