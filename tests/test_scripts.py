@@ -243,3 +243,8 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, gri
                    if r[f"click_{n}"] == "background"]
         expected += [str(len(changes)), f"{np.mean(changes):+.3f}" if changes else "-"]
         assert table[name] == expected, name
+    # The same clicks apart by the Dice before them: on masks under 0.8 and on the others.
+    for name, before in (("under", lambda dice: dice < 0.8), ("at or above", lambda dice: dice >= 0.8)):
+        changes = [float(r[f"dice_{n}"]) - float(r[f"dice_{n - 1}"]) for r in rows for n in steps[1:]
+                   if r[f"click_{n}"] == "background" and before(float(r[f"dice_{n - 1}"]))]
+        assert f"on masks {name} Dice 0.8: " + (f"{np.mean(changes):+.3f} ({len(changes)})" if changes else "none") in summary
