@@ -2,22 +2,26 @@
 
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
+import requests
 
-from conftest import ROOT
+from conftest import ROOT, copy_app, start_server, stop_server
 
 README_URL = "http://127.0.0.1:8000"
 
 
-def readme_blocks(language):
+def readme_blocks(language, section="### REST"):
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    rest = text[text.index("### REST"):]
-    return re.findall(rf"```{language}\n(.*?)```", rest[: rest.index("\n## ")], re.S)
+    rest = text[text.index(section):]
+    return re.findall(rf"```{language}\n(.*?)```", rest[: rest.index("\n## ", 1)], re.S)
 
 
 def run_curl_example(marker, url, tmp_path):
@@ -61,3 +65,49 @@ def test_the_python_example_runs_and_reuses_the_encoding(demo_server, tmp_path):
     for line in (first, refined, boxed):  # the client's own copies, in the default temporary folder: still there
         path = line.split()[0]
         assert nib.load(path).shape == (128, 128, 96), line
+
+
+def test_the_own_scans_example_imports_a_collection_and_trains_it_through_the_server(trained_tiny, tmp_path):
+    """A newcomer's two steps as the README writes them: per-case folders imported into a studies folder, then
+    served with the README's conf and trained through REST until a model is published. Swapped in: the paths, the
+    port, the steps, and the serve.sh line's server (the tests' own start, with its conf, on a copy of the app
+    holding the demo weights the first start makes, so that what it publishes stays in the copy)."""
+    from lib.phantoms import random_studies, write_studies
+    from lib.training.demo import DEMO_FILE
+
+    phantoms, collection, studies = tmp_path / "phantoms", tmp_path / "sarcomas", tmp_path / "mine"
+    names = [s.name for s in random_studies(3)]
+    write_studies(str(phantoms), studies=random_studies(3))
+    for name in names:  # the IBSI layout: {case}/CT_image.nii.gz and {case}/CT_mask.nii.gz
+        os.makedirs(collection / name)
+        shutil.copy(phantoms / f"{name}.nii.gz", collection / name / "CT_image.nii.gz")
+        shutil.copy(phantoms / "labels" / "final" / f"{name}.nii.gz", collection / name / "CT_mask.nii.gz")
+    importing, serving = readme_blocks("bash", "## Your own labelled scans")
+    assert "/data/sarcomas" in importing and "studies/mine" in importing
+    subprocess.run(["bash", "-euc", importing.replace("/data/sarcomas", str(collection)).replace("studies/mine", str(studies))],
+                   cwd=ROOT, check=True, timeout=300)
+    assert sorted(p.name for p in (studies / "labels" / "final").iterdir()) == sorted(f"{n}.nii.gz" for n in names)
+
+    serve_line, *rest = serving.strip().splitlines()
+    assert serve_line.startswith("SAM3D_STUDIES=studies/mine PORT=8000 bash scripts/serve.sh") and serve_line.endswith("&")
+    conf = shlex.split(serve_line.split("serve.sh", 1)[1].rstrip("& "))
+    app = copy_app(str(tmp_path))
+    os.makedirs(os.path.join(app, "model"))
+    shutil.copy(trained_tiny, os.path.join(app, "model", DEMO_FILE))
+    proc, url = start_server(app, str(studies), conf, str(tmp_path / "server.log"))
+    try:
+        commands = "\n".join(rest)
+        assert '"steps": 1500' in commands
+        subprocess.run(["bash", "-euc", commands.replace(README_URL, url).replace('"steps": 1500', '"steps": 5')],
+                       check=True, timeout=300)
+        deadline = time.time() + 300
+        while (task := requests.get(f"{url}/train/", timeout=30).json())["status"] not in ("DONE", "ERROR"):
+            assert time.time() < deadline, task
+            time.sleep(1)
+        assert task["status"] == "DONE", task
+        info = requests.get(f"{url}/info/", timeout=30).json()
+        stats = info["train_stats"]["sam3d"]
+        assert stats["steps"] == 5 and stats["train_images"] + stats["val_images"] == 3, stats  # all that was imported
+        assert os.path.exists(os.path.join(app, "model", "sam3d.pt"))
+    finally:
+        stop_server(proc)
