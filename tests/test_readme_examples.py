@@ -76,8 +76,9 @@ def test_the_own_scans_example_imports_a_collection_and_trains_it_through_the_se
     from lib.training.demo import DEMO_FILE
 
     phantoms, collection, studies = tmp_path / "phantoms", tmp_path / "sarcomas", tmp_path / "mine"
-    names = [s.name for s in random_studies(3)]
-    write_studies(str(phantoms), studies=random_studies(3))
+    cases = random_studies(3)
+    names = [case.name for case in cases]
+    write_studies(str(phantoms), studies=cases)
     for name in names:  # the IBSI layout: {case}/CT_image.nii.gz and {case}/CT_mask.nii.gz
         os.makedirs(collection / name)
         shutil.copy(phantoms / f"{name}.nii.gz", collection / name / "CT_image.nii.gz")
