@@ -189,9 +189,14 @@ def trained_tiny_mixed(tmp_path_factory):
 
 def train_and_wait(client, params, seconds=600):
     """Start a training run through ``client`` (MONAILabelClient) and wait for its end: the final status."""
+    client.train_start("sam3d", params)
+    return wait_for_training(client, seconds)
+
+
+def wait_for_training(client, seconds=600):
+    """Wait for the end of the training run the server behind ``client`` (MONAILabelClient) holds: its final status."""
     import time
 
-    client.train_start("sam3d", params)
     deadline = time.time() + seconds
     while (task := client.train_status())["status"] not in ("DONE", "ERROR"):  # SUBMITTED, then RUNNING
         assert time.time() < deadline, f"training did not finish in {seconds} s"

@@ -1,4 +1,5 @@
-"""The README's REST examples run, as written, against a real server (only its address is swapped in)."""
+"""The README's REST examples and its own-scans commands run, as written, against a real server (only addresses,
+paths and sizes are swapped in)."""
 
 import os
 import re
@@ -6,13 +7,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
-import requests
+from monailabel.client import MONAILabelClient
 
-from conftest import ROOT, copy_app, start_server, stop_server
+from conftest import ROOT, copy_app, start_server, stop_server, wait_for_training
 
 README_URL = "http://127.0.0.1:8000"
 
@@ -101,13 +101,10 @@ def test_the_own_scans_example_imports_a_collection_and_trains_it_through_the_se
         assert '"steps": 1500' in commands
         subprocess.run(["bash", "-euc", commands.replace(README_URL, url).replace('"steps": 1500', '"steps": 5')],
                        check=True, timeout=300)
-        deadline = time.time() + 300
-        while (task := requests.get(f"{url}/train/", timeout=30).json())["status"] not in ("DONE", "ERROR"):
-            assert time.time() < deadline, task
-            time.sleep(1)
+        client = MONAILabelClient(url, tmpdir=str(tmp_path))
+        task = wait_for_training(client, seconds=300)
         assert task["status"] == "DONE", task
-        info = requests.get(f"{url}/info/", timeout=30).json()
-        stats = info["train_stats"]["sam3d"]
+        stats = client.info()["train_stats"]["sam3d"]
         assert stats["steps"] == 5 and stats["train_images"] + stats["val_images"] == 3, stats  # all that was imported
         assert os.path.exists(os.path.join(app, "model", "sam3d.pt"))
     finally:
