@@ -13,7 +13,7 @@ def test_ruff_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-SERVER_MODULES = ("monailabel", "lib.endpoints", "lib.datastore", "lib.dicomweb", "lib.infers", "lib.trainers")
+SERVER_MODULES = ("monailabel", "lib.server", "lib.datastore", "lib.dicomweb", "lib.infers", "lib.trainers")
 
 
 def test_the_offline_scripts_import_no_server():

@@ -1,10 +1,8 @@
 """sam3d: the 3DSAM-adapter as a MONAI Label app."""
 
-import functools
 import logging
 import os
 import pathlib
-import types
 from typing import Dict
 
 import torch
@@ -17,7 +15,6 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 
-from lib import browser_guard
 from lib.activelearning.recency import Random
 from lib.activelearning.uncertain import INFO_KEY as UNCERTAINTY_KEY
 from lib.activelearning.uncertain import Uncertain
@@ -25,42 +22,12 @@ from lib.configs.sam3d import Sam3DTaskConfig
 from lib.datastore import SafeLocalDatastore
 from lib.dicomweb import DICOMwebStudies, bounded_client
 from lib.scoring import TumourDice
-from lib.endpoints import check_infer_request, install_endpoints, is_request_file
+from lib.server.configure import configure_server, verify_tokens_with_pyjwt2
+from lib.server.endpoints import check_infer_request, is_request_file
 from lib.settings import Settings
 from lib.errors import InvalidRequest, NotFound
 
 logger = logging.getLogger(__name__)
-
-# Keycloak signs its access tokens with RS256.
-TOKEN_ALGORITHMS = ["RS256"]
-
-
-def verify_tokens_with_pyjwt2() -> None:
-    """MONAI Label 0.8.5 calls ``jwt.decode`` without ``algorithms``, which PyJWT 2 (what installs with it)
-    refuses for every token: with authentication on, nobody could sign in. Give its auth module a ``jwt``
-    whose ``decode`` names the algorithms; signature and expiry checks stay PyJWT's own."""
-    import jwt
-    from monailabel.endpoints.user import auth
-
-    if getattr(auth.jwt, "__name__", None) == "jwt":
-        auth.jwt = types.SimpleNamespace(decode=functools.partial(jwt.decode, algorithms=TOKEN_ALGORITHMS))
-
-
-def configure_server(app_settings: Settings) -> None:
-    """sam3d's endpoints in place of MONAI Label's (lib/endpoints.py), the browser guard in place of MONAI Label's
-    allow-every-origin CORS (lib/browser_guard.py), and a request body limit: MONAI Label copies every upload to
-    disk without one, so one client could fill the disk. FastAPI answers 413 to bodies over ``max_body_size``;
-    MONAI Label creates its server without one, and the app exists only after the server has built its
-    middleware, so set both and let the server rebuild its middleware on the next request (Starlette builds it
-    when it is None)."""
-    from monailabel.app import app as server  # the FastAPI server that runs this app
-
-    install_endpoints(server)
-    origins = browser_guard.install(server, app_settings.allowed_hosts, app_settings.cors_origins,
-                                    settings.MONAI_LABEL_CORS_ORIGINS)
-    logger.info(f"sam3d: browser pages may use this server from its own origin{' and ' + ', '.join(origins) if origins else ' only'}")
-    server.max_body_size = app_settings.max_upload_bytes
-    server.middleware_stack = None
 
 
 class Sam3DApp(MONAILabelApp):
@@ -152,7 +119,7 @@ class Sam3DApp(MONAILabelApp):
 
     def train(self, request):
         # Runs in MONAI Label's training process, or in the server with run_sync, where the errors raised here are
-        # answered with a 4xx (lib/endpoints.py's ERROR_STATUS).
+        # answered with a 4xx (lib/server/endpoints.py's ERROR_STATUS).
         if request.get("model") not in self._trainers:
             raise NotFound(f"unknown model {request.get('model')!r}; this app trains {list(self._trainers)}")
         return super().train(request)

@@ -7,7 +7,7 @@ renamed into place, so after a kill each file is the old one or the new one. A l
 whole 3D image on its image's grid, and unknown ids or malformed info are 4xx answers instead of 500s.
 
 Refusals are lib/errors.py's neutral errors; the server's edge gives them their status (MONAI Label's own
-datastore endpoints call these methods directly, and the handlers lib/endpoints.py installs answer for them).
+datastore endpoints call these methods directly, and the handlers lib/server/endpoints.py installs answer for them).
 """
 
 import functools

@@ -1,5 +1,5 @@
 """Errors of requests and of what they reach (the datastore, the PACS), neutral about HTTP: the server's edge
-(lib/endpoints.py, ``ERROR_STATUS``) answers each with its status and message, and scripts report them as they
+(lib/server/endpoints.py, ``ERROR_STATUS``) answers each with its status and message, and scripts report them as they
 are."""
 
 

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from lib.browser_guard import origin_of, parse_hosts, parse_origins
+from lib.server.browser_guard import origin_of, parse_hosts, parse_origins
 from lib.model import CONFIGS
 from lib.transforms.presets import DEFAULT_MAX_MEGAVOXELS, PRESETS
 

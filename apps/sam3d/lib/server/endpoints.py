@@ -331,7 +331,7 @@ def install_endpoints(server: FastAPI) -> None:
                 route.path[len(router.prefix):], endpoint, methods=list(route.methods), summary=route.summary,
                 include_in_schema=route.include_in_schema, deprecated=route.deprecated,
             )
-    for error in ERRORS:  # the server's middleware is rebuilt on its next request (main.configure_server)
+    for error in ERRORS:  # the server's middleware is rebuilt on its next request (configure.configure_server)
         server.add_exception_handler(error, error_response)
     server.openapi_schema = None
     requests_folder()
