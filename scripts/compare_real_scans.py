@@ -75,8 +75,9 @@ RUNNING = ("SUBMITTED", "RUNNING")
 # deepgrow_3d's epochs: more than any budget holds; the budget stops the run.
 DEEPGROW_MAX_EPOCHS = 10000
 # A calibration run times at least this many sam3d steps over at least this many seconds (the progress is read
-# from polls POLL_SECONDS apart).
-CALIBRATION_STEPS, CALIBRATION_SECONDS = 5, 20.0
+# from polls POLL_SECONDS apart). A step's time varies with its session's rounds (one to four decoder passes), so
+# a short calibration misjudges the mean and the fitted run overshoots the budget.
+CALIBRATION_STEPS, CALIBRATION_SECONDS = 30, 90.0
 # Far more steps than a calibration runs: it is stopped once timed.
 CALIBRATION_RUN_STEPS = 10**6
 SAM3D_PROGRESS = re.compile(r"sam3d training:.*\|\s*(\d+)/\d+ \[")
@@ -217,10 +218,11 @@ def log_matches(path: str, pattern: re.Pattern) -> List[re.Match]:
 class Sam3D:
     name = "sam3d"
 
-    def __init__(self, conf: Dict[str, str], steps: Optional[int], seed: int) -> None:
+    def __init__(self, conf: Dict[str, str], steps: Optional[int], seed: int, options: Dict[str, str]) -> None:
         self.conf = conf
         self.steps = steps
         self.seed = seed
+        self.options = options  # more training options, as the trainer reads them from the request's JSON
 
     def prepare(self, folder: str) -> Tuple[str, List[str]]:
         """A copy of the app (what training publishes stays there) and its --conf arguments."""
@@ -242,11 +244,13 @@ class Sam3D:
             input_size=f"1×{crop}³ + clicks",
             parameters=f"{total} ({trained} trained)",
             details=f"backbone {weights['backbone']}, preset {preset}, starting weights: {weights['state']}; "
-                    f"a lesion whose mask reaches a crop's face is followed into more crops (the server's default)",
+                    f"a lesion whose mask reaches a crop's face is followed into more crops (the server's default)"
+                    + "".join(f"; training {name} {value}" for name, value in self.options.items()),
         )
 
     def train(self, server: Server, budget: float) -> Training:
-        options = {"val_split": 0.0, "seed": self.seed}  # every training label trains, as for deepgrow_3d
+        # val_split 0: every training label trains, as for deepgrow_3d
+        options = {**self.options, "val_split": 0.0, "seed": self.seed}
         if self.steps:
             steps, rule = self.steps, f"{self.steps} steps given (--sam3d-steps)"
         else:
@@ -535,7 +539,7 @@ def write_csv(path: str, rows: List[Dict]) -> None:
         writer.writerows(rows)
 
 
-def parse_conf(texts: Optional[List[str]]) -> Dict[str, str]:
+def parse_conf(texts: Optional[List[str]], flag: str = "--sam3d-conf") -> Dict[str, str]:
     """--sam3d-conf preset=sts_ct,checkpoint=demo (repeatable) -> {"preset": "sts_ct", "checkpoint": "demo"}."""
     conf = {}
     for item in ",".join(texts or []).split(","):
@@ -543,7 +547,7 @@ def parse_conf(texts: Optional[List[str]]) -> Dict[str, str]:
             continue
         name, equals, value = item.partition("=")
         if not equals:
-            raise SystemExit(f"--sam3d-conf: {item!r} is not NAME=VALUE")
+            raise SystemExit(f"{flag}: {item!r} is not NAME=VALUE")
         conf[name.strip()] = value.strip()
     return conf
 
@@ -556,6 +560,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for comparison.md, comparison.csv and logs/")
     parser.add_argument("--sam3d-conf", action="append", metavar="NAME=VALUE[,...]",
                         help="sam3d's --conf, e.g. preset=sts_ct,checkpoint=demo")
+    parser.add_argument("--sam3d-train", action="append", metavar="NAME=VALUE[,...]",
+                        help="more options of sam3d's POST /train/sam3d, e.g. batch_size=2")
     parser.add_argument("--sam3d-steps", type=int, help="sam3d's training steps (default: fitted to the budget)")
     parser.add_argument("--seed", type=int, default=0, help="sam3d's training seed")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
@@ -591,7 +597,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     shared = {case for case, _, _ in train} & {case for case, _, _ in test}
     if shared:  # the same id in both: its label would train the model it tests
         raise SystemExit(f"cases in both {args.train_dir} and {args.test_dir}: {sorted(shared)}")
-    entrants = {"sam3d": Sam3D(parse_conf(args.sam3d_conf), args.sam3d_steps, args.seed),
+    entrants = {"sam3d": Sam3D(parse_conf(args.sam3d_conf), args.sam3d_steps, args.seed,
+                            parse_conf(args.sam3d_train, "--sam3d-train")),
                 "deepgrow_3d": Deepgrow3D(args.radiology_app)}
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     summaries, rows = [], []

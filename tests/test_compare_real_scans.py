@@ -63,6 +63,7 @@ def test_sam3d_is_trained_and_clicked_through_rest_without_seeing_a_test_label(s
         str(train), str(test), "--budget-minutes", "1", "--out", str(out), "--workdir", str(workdir),
         "--models", "sam3d", "--sam3d-steps", str(STEPS), "--clicks", str(CLICKS),
         "--sam3d-conf", "backbone=tiny,checkpoint=none,sam_checkpoint=none", "--sam3d-conf", "warmup=false",
+        "--sam3d-train", "batch_size=2",
     ])
 
     # The table: one row, for sam3d, trained for the steps asked and scored after each click.
@@ -73,7 +74,8 @@ def test_sam3d_is_trained_and_clicked_through_rest_without_seeing_a_test_label(s
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| sam3d |")] == ["sam3d"]
     for n in range(1, CLICKS + 1):
         assert 0 <= float(summary[f"Dice@{n}"]) <= 1 and 0 <= float(summary[f"NSD@{n}"]) <= 1
-    assert torch.load(out / "sam3d.pt", weights_only=True)["meta"]["steps"] == STEPS  # the model trained, kept
+    meta = torch.load(out / "sam3d.pt", weights_only=True)["meta"]
+    assert meta["steps"] == STEPS and meta["batch_size"] == 2  # the model trained as asked, kept
 
     # The csv: a row per lesion of the test labels, with Dice and NSD in [0, 1] after each click.
     with open(out / "comparison.csv", newline="") as f:

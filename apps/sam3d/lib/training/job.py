@@ -97,6 +97,10 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
     stats = {
         "total_time": round(seconds, 2),
         "steps": len(losses),
+        # The recipe, so that a published model says how it was made.
+        "batch_size": job.options.get("batch_size") or world,
+        "learning_rate": job.options["learning_rate"],
+        "seed": job.options["seed"],
         "resumed_at_step": resumed_at,
         "processes": world,
         "train_loss": float(np.mean(losses[-20:])),
