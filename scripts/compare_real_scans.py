@@ -540,7 +540,8 @@ def write_csv(path: str, rows: List[Dict]) -> None:
 
 
 def parse_conf(texts: Optional[List[str]], flag: str = "--sam3d-conf") -> Dict[str, str]:
-    """--sam3d-conf preset=sts_ct,checkpoint=demo (repeatable) -> {"preset": "sts_ct", "checkpoint": "demo"}."""
+    """``flag``'s NAME=VALUE lists, e.g. --sam3d-conf preset=sts_ct,checkpoint=demo (repeatable) -> {"preset":
+    "sts_ct", "checkpoint": "demo"}."""
     conf = {}
     for item in ",".join(texts or []).split(","):
         if not item.strip():

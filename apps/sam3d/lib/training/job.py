@@ -21,7 +21,7 @@ from lib.transforms.presets import PRESETS
 
 from .data import load_labelled
 from .evaluate import lesion_scores
-from .fit import fit
+from .fit import batch_share, fit
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
         "total_time": round(seconds, 2),
         "steps": len(losses),
         # The recipe, so that a published model says how it was made.
-        "batch_size": job.options.get("batch_size") or world,
+        "batch_size": batch_share(job.options.get("batch_size"), world)[0],
         "learning_rate": job.options["learning_rate"],
         "seed": job.options["seed"],
         "resumed_at_step": resumed_at,
