@@ -62,7 +62,6 @@ from lib.regions import grown_box  # noqa: E402
 from lib.settings import OPTIONS  # noqa: E402
 from lib.training.evaluate import NSD_TOLERANCE_MM, dice, dice_auc, surface_dice, worst_drop  # noqa: E402
 from lib.training.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
-from lib.transforms.presets import PRESETS  # noqa: E402
 from local_server import APP, copy_app, start_server, stop_server  # noqa: E402
 from simulate_session import header, read_ijk  # noqa: E402
 
@@ -234,16 +233,17 @@ class Sam3D:
         return app, [arg for name, value in self.conf.items() for arg in ("--conf", name, value)]
 
     def setup(self, server: Server) -> Setup:
-        weights = requests.get(f"{server.url}/info/", timeout=60).json()["models"]["sam3d"]["weights"]
+        model = requests.get(f"{server.url}/info/", timeout=60).json()["models"]["sam3d"]
+        weights, preset = model["weights"], model["preset"]  # with preset "auto": the values planned at the start
         crop = weights["config"]["crop_size"]
-        preset = self.conf.get("preset", OPTIONS["preset"].default)
-        spacing = PRESETS[preset].spacing
+        spacing = preset["spacing"]
         trained, total = log_matches(server.log, SAM3D_PARAMETERS)[0].groups()
         return Setup(
             crop=f"{crop}³ at {'×'.join(f'{s:g}' for s in spacing)} mm",
             input_size=f"1×{crop}³ + clicks",
             parameters=f"{total} ({trained} trained)",
-            details=f"backbone {weights['backbone']}, preset {preset}, starting weights: {weights['state']}; "
+            details=f"backbone {weights['backbone']}, preset {self.conf.get('preset', OPTIONS['preset'].default)} "
+                    f"({preset['description']}), starting weights: {weights['state']}; "
                     f"a lesion whose mask reaches a crop's face is followed into more crops (the server's default)"
                     + "".join(f"; training {name} {value}" for name, value in self.options.items()),
         )

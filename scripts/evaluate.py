@@ -46,6 +46,7 @@ from lib.model import CONFIGS, Clicks, build_sam3d  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.training.data import load_labelled, load_on_image_grid  # noqa: E402
 from lib.training.evaluate import NSD_TOLERANCE_MM, Score, challenge_auc, dice_auc, lesion_scores, worst_drop  # noqa: E402
+from lib.transforms.planning import AUTO, resolve_preset  # noqa: E402
 from lib.transforms.presets import PAPER_PRESETS, PRESETS, READER  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -175,7 +176,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="ours (sam3d.pt) or the authors' (.pth.tar); none: untrained adapters")
     parser.add_argument("--backbone", choices=sorted(CONFIGS), help="default: the checkpoint's, else vit_b")
     parser.add_argument("--sam-checkpoint", help="SAM weights for the frozen backbone (with an authors' checkpoint)")
-    parser.add_argument("--preset", default="ct", choices=sorted(PRESETS), help=f"paper presets: {sorted(PAPER_PRESETS)}")
+    parser.add_argument("--preset", default="ct", choices=sorted(PRESETS) + [AUTO],
+                        help=f"paper presets: {sorted(PAPER_PRESETS)}; auto: the one the checkpoint was trained with")
     parser.add_argument("--label-value", type=int, help="the tumour's label value (default: the preset's, else any > 0)")
     parser.add_argument("--clicks", type=int, default=5, help="clicks per lesion, each scored")
     parser.add_argument("--first", choices=("click", "box"), default="click",
@@ -205,8 +207,15 @@ def main() -> None:
     torch.manual_seed(0)  # what the checkpoint leaves at initialisation is the same in every run
     model = build_sam3d(checkpoint=args.checkpoint, backbone=args.backbone, sam_checkpoint=args.sam_checkpoint)
     model.to(args.device).eval()
-    label_value = args.label_value or PRESETS[args.preset].tumour_value
-    spacing = PRESETS[args.preset].spacing
+
+    def no_plan_on_test_cases():
+        raise SystemExit(f"--preset auto: {args.checkpoint} records no preset (it would be planned on the test cases);"
+                         " name one")
+
+    args.preset, preset = resolve_preset(args.preset, model.weights_info["meta"], no_plan_on_test_cases,
+                                         model.crop_size)
+    label_value = args.label_value or preset.tumour_value
+    spacing = preset.spacing
     clicks = range(1, args.clicks + 1)
     kinds = read_lesion_kinds(args.data)
     bounds = FollowBounds(args.follow_max_extent, args.follow_max_crops)
@@ -229,7 +238,7 @@ def main() -> None:
             per_lesion = lesion_scores(model, volume, label, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid,
                                        observe=keep, first=args.first)
             for index, masks in shown.items():
-                picture(image_path, lesions[index], masks, grid.image_spacing, PRESETS[args.preset].window,
+                picture(image_path, lesions[index], masks, grid.image_spacing, preset.window,
                         f"{case} lesion {index + 1}", os.path.join(args.out, "pictures", f"{case}_{index + 1}.png"))
         else:
             image, label = load_labelled(image_path, label_path, args.preset, label_value)

@@ -56,6 +56,7 @@ from lib.training.demo import DEMO_FILE  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.training.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
 from lib.training.evaluate import dice  # noqa: E402
+from lib.transforms.planning import AUTO  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 from local_server import copy_app, start_server, stop_server  # noqa: E402
 
@@ -284,7 +285,7 @@ def run_session(
         return
     by_id = {case: (image, label) for case, image, label in cases}
     kinds = read_lesion_kinds(args.data)
-    label_value = args.label_value or PRESETS[args.preset].tumour_value
+    label_value = args.label_value or (PRESETS[args.preset].tumour_value if args.preset != AUTO else None)
     log_path = os.path.join(folder, f"server-{time.strftime('%Y%m%d-%H%M%S')}.log")
     # MONAI Label starts a scoring run (a process that loads the whole app) at every next-sample request; the
     # session uses no scoring, and those runs would take the CPU from the clicks and the training.
@@ -540,7 +541,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backbone", help="the server's --conf backbone (tiny, vit_b, ...)")
     parser.add_argument("--checkpoint", help="the server's --conf checkpoint (a file, demo or none)")
     parser.add_argument("--conf", nargs=2, action="append", metavar=("NAME", "VALUE"), help="more server --conf")
-    parser.add_argument("--preset", default="kits", choices=sorted(PRESETS), help="the server's and the clicks' preset")
+    parser.add_argument("--preset", default="kits", choices=sorted(PRESETS) + [AUTO],
+                        help="the server's and the clicks' preset")
     parser.add_argument("--label-value", type=int, help="the tumour's label value (default: the preset's, else any > 0)")
     parser.add_argument("--limit", type=int, help="the first N cases of DATA only")
     parser.add_argument("--resume", action="store_true", help="go on with the sessions recorded in --out")

@@ -33,6 +33,7 @@ from lib.model import CONFIGS, build_sam3d  # noqa: E402
 from lib.model.build import ModelSource  # noqa: E402
 from lib.training.fit import batch_share  # noqa: E402
 from lib.training.job import TrainingJob, train_and_publish  # noqa: E402
+from lib.transforms.planning import AUTO, resolve_preset  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 
 
@@ -43,7 +44,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="start from this checkpoint (ours or the authors')")
     parser.add_argument("--backbone", choices=sorted(CONFIGS))
     parser.add_argument("--sam-checkpoint", help="SAM weights for the frozen backbone")
-    parser.add_argument("--preset", default="ct", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="ct", choices=sorted(PRESETS) + [AUTO],
+                        help="auto: the starting checkpoint's recorded preset, else planned from the data's labels")
     parser.add_argument("--label-value", type=int, help="the tumour's label value (default: the preset's, else any > 0)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=4e-4)
@@ -65,15 +67,19 @@ def main() -> None:
     model = build_sam3d(args.checkpoint, args.backbone, args.sam_checkpoint, bfloat16).to(args.device)
     backbone = model.weights_info["backbone"]
 
-    label_value = args.label_value or PRESETS[args.preset].tumour_value
+    label_value = args.label_value or (PRESETS[args.preset].tumour_value if args.preset != AUTO else None)
     try:
         cases = find_cases(args.data)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    preset_name, preset = resolve_preset(args.preset, model.weights_info["meta"],
+                                         lambda: [(image, label) for _, image, label in cases], model.crop_size,
+                                         label_value)
     source = ModelSource(args.out, args.checkpoint, backbone, args.sam_checkpoint, model.bfloat16, args.device)
     job = TrainingJob(
         source=source,
-        preset=args.preset,
+        preset_name=preset_name,
+        preset=preset,
         backbone=backbone,
         train=[{"image": image, "label": label} for _, image, label in cases],
         val=[],

@@ -143,13 +143,14 @@ def test_the_train_task_runs_one_process_per_device_and_publishes_once(demo_stud
     from conftest import free_port
     from lib.model.build import ModelSource
     from lib.training.job import TrainingJob, run
+    from lib.transforms.presets import PRESETS
 
     names = ["demo_ct_01", "demo_ct_02_aniso", "demo_ct_03_oblique"]
     pairs = [{"image": os.path.join(demo_studies, f"{n}.nii.gz"),
               "label": os.path.join(demo_studies, "labels", "final", f"{n}.nii.gz")} for n in names]
     job = TrainingJob(
         source=ModelSource(str(tmp_path / "sam3d.pt"), None, "tiny", None, False, "cpu"),
-        preset="kits", backbone="tiny", train=pairs[:2], val=pairs[2:], skipped={},
+        preset_name="kits", preset=PRESETS["kits"], backbone="tiny", train=pairs[:2], val=pairs[2:], skipped={},
         options={"steps": 3, "learning_rate": 4e-4, "seed": 0, "activation_checkpointing": True},
         publish_path=str(tmp_path / "sam3d.pt"), stats_path=str(tmp_path / "stats.json"),
         state_path=str(tmp_path / "state.pt"),

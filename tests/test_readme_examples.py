@@ -10,6 +10,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import torch
 from monailabel.client import MONAILabelClient
 
 from conftest import ROOT, copy_app, start_server, stop_server, wait_for_training
@@ -106,6 +107,10 @@ def test_the_own_scans_example_imports_a_collection_and_trains_it_through_the_se
         assert task["status"] == "DONE", task
         stats = client.info()["train_stats"]["sam3d"]
         assert stats["steps"] == 5 and stats["train_images"] + stats["val_images"] == 3, stats  # all that was imported
-        assert os.path.exists(os.path.join(app, "model", "sam3d.pt"))
+        published = torch.load(os.path.join(app, "model", "sam3d.pt"), weights_only=True)["meta"]
+        if "auto" in conf:  # the preset planned from the imported labels, recorded with the model and served
+            served = client.info()["models"]["sam3d"]["preset"]
+            assert served["name"].startswith("auto-") and "planned from 3 labelled images" in served["description"]
+            assert list(published["preset_values"]["spacing"]) == served["spacing"]
     finally:
         stop_server(proc)

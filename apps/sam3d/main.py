@@ -40,7 +40,7 @@ class Sam3DApp(MONAILabelApp):
             raise
         self.model_dir = os.path.join(app_dir, "model")
         self.task = Sam3DTaskConfig()
-        self.task.init("sam3d", self.model_dir, conf, None, settings=self.settings)
+        self.task.init("sam3d", self.model_dir, conf, None, settings=self.settings, studies=studies)
         super().__init__(
             app_dir=app_dir,
             studies=studies,

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from lib.server.browser_guard import origin_of, parse_hosts, parse_origins
 from lib.model import CONFIGS
+from lib.transforms.planning import AUTO
 from lib.transforms.presets import DEFAULT_MAX_MEGAVOXELS, PRESETS
 
 TRUE_TEXTS, FALSE_TEXTS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -69,7 +70,7 @@ def parse_label_value(value: Any, labels: Sequence[str], what: str) -> Optional[
 DEMO = "demo"  # the checkpoint setting that serves the demo weights (lib/training/demo.py)
 NO_FILE = "none"
 MEGABYTE = 2**20
-BACKBONES, PRESET_NAMES = tuple(CONFIGS), tuple(PRESETS)
+BACKBONES, PRESET_NAMES = tuple(CONFIGS), tuple(PRESETS) + (AUTO,)
 
 @dataclass(frozen=True)
 class Option:

@@ -15,7 +15,9 @@ from lib.trainers.sam3d_trainer import Sam3DTrainer
 from lib.training.demo import demo_weights
 from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
 from lib.model.build import ModelSource, resolve_backbone, served_file
+from lib.cases import studies_images
 from lib.settings import DEMO, Settings
+from lib.transforms.planning import resolve_preset
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +109,17 @@ class Sam3DTaskConfig(TaskConfig):
         settings = kwargs.get("settings") or Settings.from_conf(conf, torch.cuda.is_available())
         self.settings = settings
         self.labels = list(settings.labels)
-        self.preset = settings.preset
         self.label_value = settings.label_value
         self.source = model_source(settings, model_dir)
         # torch.compile of the encoder pays on a GPU, not on CPUs (docs/benchmarks.md).
         self.compile = settings.compile == "true" or (settings.compile == "auto" and settings.on_gpu)
         self.warmup = settings.warmup
         self.network = self.build_model()
+        # "auto": the served model's own preset, else one planned from the studies folder's images and labels
+        # (a training run, a process of its own, plans again from the labels saved by then).
+        self.preset, _ = resolve_preset(settings.preset, self.network.weights_info["meta"],
+                                        lambda: studies_images(kwargs.get("studies") or ""), self.network.crop_size,
+                                        settings.label_value)
 
     def build_model(self):
         """The model in use: the last published training result if it was trained from the checkpoint asked
@@ -131,6 +137,7 @@ class Sam3DTaskConfig(TaskConfig):
             self.name: Sam3DInfer(
                 model=self.network,
                 settings=self.settings,
+                preset=self.preset,
                 model_version=uuid.uuid4().hex,
                 published_path=self.source.published,
                 rebuild=self.build_model,

@@ -21,6 +21,7 @@ from lib.errors import InvalidRequest
 from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
 from lib.transforms.crops import Crop, plan_crops
 from lib.transforms.keys import BOX, CLICKS, CROP_BOXES, IMAGE, PRED, from_cache
+from lib.transforms.planning import AUTO, model_preset, preset_values, register_preset
 from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
@@ -37,13 +38,15 @@ class Sam3DInfer(BasicInferTask):
         self,
         model: Sam3D,
         settings: Settings,
+        preset: str,
         model_version: str,
         published_path: Optional[str] = None,
         rebuild: Optional[Callable[[], Sam3D]] = None,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
     ) -> None:
-        """``settings``: the app's (lib/settings.py): labels, preset, device, cache sizes and the bounds of a
-        request (crops, following, image size)."""
+        """``settings``: the app's (lib/settings.py): labels, device, cache sizes and the bounds of a request
+        (crops, following, image size). ``preset``: the name of the preset served by default (settings.preset
+        resolved: for "auto", the model's own or a planned one, which follows the model training publishes)."""
         super().__init__(
             path=None,
             network=None,
@@ -52,9 +55,9 @@ class Sam3DInfer(BasicInferTask):
             dimension=3,
             description=description,
             # A list is shown as a choice in Slicer; its first item is the default.
-            config={"preset": [settings.preset] + [p for p in PRESETS if p != settings.preset],
-                    "device": settings.device},
+            config={"preset": self.preset_choices(preset), "device": settings.device},
         )
+        self.follow_model_preset = settings.preset == AUTO
         self.model = model.to(settings.device)
         self.model_version = model_version
         self.device = settings.device
@@ -108,7 +111,15 @@ class Sam3DInfer(BasicInferTask):
                 logger.error(f"sam3d: keeping the model in use; the published one does not load: {e}")
                 return
             self.model, self.model_version = model.to(self.device), uuid.uuid4().hex
-        logger.info(f"sam3d: now serving {self.published_path}")
+            preset = model_preset(model.weights_info["meta"]) if self.follow_model_preset else None
+            if preset is not None:
+                self._config["preset"] = self.preset_choices(register_preset(preset))
+        logger.info(f"sam3d: now serving {self.published_path} (preset {self._config['preset'][0]})")
+
+    @staticmethod
+    def preset_choices(default: str) -> List[str]:
+        """The preset names as Slicer shows a choice: a list whose first item is the default."""
+        return [default] + [p for p in PRESETS if p != default]
 
     def info(self) -> Dict[str, Any]:
         info = super().info()
@@ -121,12 +132,16 @@ class Sam3DInfer(BasicInferTask):
             "precision": "bfloat16" if self.model.bfloat16 else "float32",
             "warmed_up": self.warmed_up.is_set(),
             "presets": {k: p.description for k, p in PRESETS.items()},
+            # The default preset's values: with "auto" they are planned, and a client cannot look them up.
+            "preset": {"name": self._config["preset"][0], **preset_values(PRESETS[self._config["preset"][0]])},
         }
 
     def is_valid(self) -> bool:
         return True
 
     def __call__(self, request: Dict[str, Any], callbacks=None):
+        # The newest published model first: its preset (with "auto") decides the pre-processing below.
+        self.reload_if_published()
         # The request checked once: every step after reads data["preset"] as a known preset's name.
         request = {**request, "preset": self.preset_name({**self._config, **request})}
         return super().__call__(request, callbacks)
@@ -135,6 +150,8 @@ class Sam3DInfer(BasicInferTask):
         """The request's preset (Slicer sends the config's list, whose first item is the choice), checked."""
         preset = data.get("preset")
         preset = preset[0] if isinstance(preset, (list, tuple)) and preset else preset
+        if preset == AUTO and self.follow_model_preset:  # what this server serves for "auto"
+            preset = self._config["preset"][0]
         if not isinstance(preset, str) or preset not in PRESETS:
             raise InvalidRequest(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         # Slicer sends the name of the segment being edited; the mask is binary, so any name will do.
@@ -159,9 +176,8 @@ class Sam3DInfer(BasicInferTask):
         return [ResampleToOriginalGridd(keys=PRED, ref=IMAGE, boxes_key=CROP_BOXES)]
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> Dict[str, Any]:
-        """The model's part of a request: the newest published model, the crops of the clicks (bounded), the
+        """The model's part of a request: the crops of the clicks (bounded), the
         segmentation (crops, lesions followed beyond them), and the result JSON."""
-        self.reload_if_published()
         preset = data["preset"]  # checked once per request (__call__)
         image: MetaTensor = data[IMAGE]
         volume = image[0].as_tensor().float()

@@ -18,6 +18,7 @@ from lib.settings import Option, typed_defaults
 from lib.errors import InvalidRequest
 from lib.training.fit import batch_share
 from lib.training.job import TrainingJob, run
+from lib.transforms.presets import PRESETS
 
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ class Sam3DTrainer(TrainTask):
         n_val = int(round(len(datalist) * options["val_split"])) if len(datalist) > 1 else 0
         job = TrainingJob(
             source=self.source,
-            preset=self.preset,
+            preset_name=self.preset,
+            preset=PRESETS[self.preset],
             backbone=self.backbone,
             train=[datalist[i] for i in order[n_val:]],
             val=[datalist[i] for i in order[:n_val]],

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from lib.files import atomic_write
 from lib.model import Sam3D, save_sam3d
 from lib.model.build import ModelSource
-from lib.transforms.presets import PRESETS
+from lib.transforms.planning import preset_values
+from lib.transforms.presets import Preset
 
 from .data import load_labelled
 from .evaluate import lesion_scores
@@ -31,7 +32,8 @@ class TrainingJob:
     """One run, as plain values, so that each GPU's process can carry it out."""
 
     source: ModelSource  # the model trained from (its checkpoint is the published model's ``base``)
-    preset: str
+    preset_name: str
+    preset: Preset  # the values, which a process started for training has even for a planned preset
     backbone: str
     train: List[Dict[str, str]]  # {"image": path, "label": path}
     val: List[Dict[str, str]]
@@ -78,7 +80,7 @@ def train_and_publish(
         model,
         volumes,
         options["steps"],
-        PRESETS[job.preset],
+        job.preset,
         options["learning_rate"],
         options["seed"],
         state_path=job.state_path,
@@ -93,7 +95,7 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
     scores = []
     for d in job.val:
         image, label = load_labelled(d["image"], d["label"], job.preset, job.label_value)
-        scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), (1,), PRESETS[job.preset].spacing)]
+        scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), (1,), job.preset.spacing)]
     stats = {
         "total_time": round(seconds, 2),
         "steps": len(losses),
@@ -112,7 +114,7 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
         "published": job.publish_path,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    meta = {"preset": job.preset, "base": job.source.checkpoint, **stats}
+    meta = {"preset": job.preset_name, "preset_values": preset_values(job.preset), "base": job.source.checkpoint, **stats}
     save_sam3d(model, job.publish_path, job.backbone, model.trained_names, meta=meta)
     if job.stats_path:
         atomic_write(job.stats_path, lambda f: json.dump(stats, f, indent=2), mode="w")
