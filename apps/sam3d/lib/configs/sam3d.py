@@ -147,7 +147,8 @@ class Sam3DTaskConfig(TaskConfig):
     def trainer(self):
         return Sam3DTrainer(
             source=self.source,
-            preset=self.preset,
+            preset=self.settings.preset,  # "auto" plans from the run's own training pairs
+            model_meta=self.network.weights_info["meta"],
             backbone=self.network.weights_info["backbone"],
             publish_path=self.source.published,
             stats_path=os.path.join(self.model_dir, "train_stats.json"),

@@ -18,7 +18,8 @@ from lib.settings import Option, typed_defaults
 from lib.errors import InvalidRequest
 from lib.training.fit import batch_share
 from lib.training.job import TrainingJob, run
-from lib.transforms.presets import PRESETS
+from lib.model import CONFIGS
+from lib.transforms.planning import resolve_preset
 
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ class Sam3DTrainer(TrainTask):
 
     def __init__(
         self, source: ModelSource, preset: str, backbone: str, publish_path: str, stats_path: str, state_path: str,
-        label_value: Optional[int] = None,
+        label_value: Optional[int] = None, model_meta: Optional[Dict[str, Any]] = None,
     ) -> None:
+        """``preset``: a preset's name, or "auto": the preset the model training starts from records (its
+        ``model_meta``), else one planned from each run's training pairs (lib/transforms/planning.py)."""
         super().__init__("Fine-tune the 3DSAM-adapter on saved final labels (adapters, necks, prompt encoder, decoder)")
         self.source = source
         self.preset = preset
@@ -126,6 +129,7 @@ class Sam3DTrainer(TrainTask):
         self.stats_path = stats_path
         self.state_path = state_path
         self.label_value = label_value
+        self.model_meta = model_meta or {}
 
     def config(self) -> Dict[str, Any]:
         return dict(DEFAULT_OPTIONS)
@@ -155,13 +159,17 @@ class Sam3DTrainer(TrainTask):
             raise InvalidRequest(f"no images with a final label to train on{unusable}: save some labels first")
         order = np.random.default_rng(options["seed"]).permutation(len(datalist))
         n_val = int(round(len(datalist) * options["val_split"])) if len(datalist) > 1 else 0
+        train, val = [datalist[i] for i in order[n_val:]], [datalist[i] for i in order[:n_val]]
+        # The training pairs, not the studies folder: a DICOMweb datastore's labels are files only here.
+        preset_name, preset = resolve_preset(self.preset, self.model_meta, lambda: [(d["image"], d["label"]) for d in train],
+                                             CONFIGS[self.backbone].crop_size, self.label_value)
         job = TrainingJob(
             source=self.source,
-            preset_name=self.preset,
-            preset=PRESETS[self.preset],
+            preset_name=preset_name,
+            preset=preset,
             backbone=self.backbone,
-            train=[datalist[i] for i in order[n_val:]],
-            val=[datalist[i] for i in order[:n_val]],
+            train=train,
+            val=val,
             skipped=skipped,
             options=options,
             publish_path=self.publish_path,
