@@ -23,7 +23,8 @@ SHAPE, SPACING = (96, 96, 48), (1.5, 1.5, 3.0)  # x, y, z as NIfTI stores them: 
 
 def scan(lesion_mm: float, ct: bool, seed: int = 0, tumour_value: int = 1):
     """A limb-like volume (a cylinder of tissue in air for CT, no negative values for MR) with an ellipsoidal
-    lesion whose longest side is ``lesion_mm`` (along x); its label holds a rim of another class with
+    lesion whose longest side is ``lesion_mm`` (along x) and a small satellite lesion (the size is the largest
+    lesion's); its label holds a rim of another class with
     ``tumour_value`` 2. -> (image, label) arrays in (x, y, z)."""
     rng = np.random.default_rng(seed)
     x, y, z = np.meshgrid(*[(np.arange(n) - n / 2 + 0.5) * s for n, s in zip(SHAPE, SPACING)], indexing="ij")
@@ -35,7 +36,9 @@ def scan(lesion_mm: float, ct: bool, seed: int = 0, tumour_value: int = 1):
     else:
         image = np.where(body, rng.gamma(20, 20, SHAPE), rng.gamma(2, 5, SHAPE))
         image[lesion] = rng.gamma(30, 25, int(lesion.sum()))
-    label = lesion.astype(np.uint8) * tumour_value
+    satellite = (x - 50) ** 2 + (y - 30) ** 2 + (z - 50) ** 2 < 5**2  # a small second lesion, far from the first
+    image[satellite] = image[lesion][: int(satellite.sum())]
+    label = (lesion | satellite).astype(np.uint8) * tumour_value
     if tumour_value != 1:
         label[(x / (lesion_mm / 2 + 8)) ** 2 + (y / 28) ** 2 + (z / 28) ** 2 < 1] = 1
         label[lesion] = tumour_value

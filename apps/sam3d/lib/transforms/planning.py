@@ -5,8 +5,8 @@ its fingerprint, so that a collection no named preset was made for still gets a 
   intensities are not negative. A CT cropped to soft tissue alone reads as MR: name a preset for it.
 - CT intensities (nnU-Net's rule, which made ``sts_ct``): the 0.5-99.5 percentiles of the tumour's voxels as the
   window, then their mean and standard deviation inside it. MR: each image's own window and z-score.
-- Grid: isotropic, coarse enough that a crop of the model holds the median lesion (each image's largest) within
-  LESION_SHARE of its side, never finer than FINEST_SPACING (the paper's grid), in SPACING_STEP steps.
+- Grid: isotropic, the spacing at which the median lesion (each image's largest) would span LESION_SHARE of a
+  crop's side, rounded to SPACING_STEP, never finer than FINEST_SPACING (the paper's grid).
 - In-plane augmentation (the authors' choice for thick-slice data): when the slices are at least twice the grid.
 
 A published model records the values it was trained with, and a server asked for "auto" serves a model with
@@ -57,8 +57,10 @@ def fingerprint(image_path: str, label_path: Optional[str], label_value: Optiona
     mask = (np.round(label) == label_value) if label_value else label > 0.5
     if mask.shape != pixels.shape or not mask.any():
         return CaseFingerprint(spacing, fat_share, None, np.zeros(0, np.float32))
-    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    largest = int(np.argmax(ndimage.sum_labels(mask, components, range(1, count + 1)))) + 1
+    # Components within the lesions' box only: those of a whole-body label would take gigabytes.
+    lesions = mask[tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))]
+    components, count = ndimage.label(lesions, structure=np.ones((3, 3, 3)))
+    largest = int(np.argmax(ndimage.sum_labels(lesions, components, range(1, count + 1)))) + 1
     voxels = np.argwhere(components == largest)
     sides = (voxels.max(axis=0) - voxels.min(axis=0) + 1) * np.asarray(image.GetSpacing()[:3])[::-1]
     values = pixels[mask].astype(np.float32)
