@@ -74,7 +74,7 @@ def main() -> None:
         raise SystemExit(str(e)) from None
     preset_name, preset = resolve_preset(args.preset, model.weights_info["meta"],
                                          lambda: [(image, label) for _, image, label in cases], model.crop_size,
-                                         label_value)
+                                         label_value, len(cases))
     source = ModelSource(args.out, args.checkpoint, backbone, args.sam_checkpoint, model.bfloat16, args.device)
     job = TrainingJob(
         source=source,

@@ -112,8 +112,16 @@ def test_a_model_keeps_the_preset_it_was_trained_with(tmp_path):
     assert model_preset({"preset": "kits"}) == PRESETS["kits"]  # models published before values were recorded
     assert model_preset({"preset": "kits", "demo": True}) is None  # the demo weights: planned for the user's scans
     assert model_preset({}) is None and model_preset({"preset_values": {"window": 1, "colour": 2}}) is None
-    # "auto" serves what the model records, and plans only for a model that records nothing.
+    # "auto" serves what the model records, and plans only for a model that records nothing; a training run
+    # plans again once it has more than twice the labels the model's plan was made from.
     assert resolve_preset("auto", meta, lambda: pytest.fail("planned"), TINY_CROP) == (name, planned)
+    early = dataclasses.replace(planned, planned_from=4)
+    early_meta = {"preset_values": preset_values(early)}
+    assert resolve_preset("auto", early_meta, lambda: pytest.fail("planned"), TINY_CROP, labelled_now=8)[1] == early
+    for i, size in enumerate((60, 60, 60)):
+        write_case(str(tmp_path), f"ct_{i}", *scan(size, ct=True, seed=i))
+    replanned = resolve_preset("auto", early_meta, lambda: studies_images(str(tmp_path)), TINY_CROP, labelled_now=9)[1]
+    assert replanned.window is not None and replanned.planned_from == 3 and replanned.spacing == (2.0, 2.0, 2.0)
     assert resolve_preset("sts_mr", meta, lambda: pytest.fail("planned"), TINY_CROP) == ("sts_mr", PRESETS["sts_mr"])
     assert Settings.from_conf({"preset": "auto"}, cuda_available=False).preset == "auto"
     with pytest.raises(ValueError, match="auto"):
@@ -122,8 +130,9 @@ def test_a_model_keeps_the_preset_it_was_trained_with(tmp_path):
 
 @pytest.mark.slow
 def test_a_server_on_auto_serves_the_plan_of_the_model_training_publishes(tmp_path_factory):
-    """One labelled case (a 50 mm lesion: 2 mm) at the start; two more saved through REST (100 mm each: median
-    100 mm, 4 mm). Training plans on the three, and the next click is pre-processed on the published model's grid."""
+    """One labelled case (a 50 mm lesion: 2 mm) at the start, trained on; two more saved through REST (100 mm
+    each: median 100 mm, 4 mm). The second run has three times the labels of the model's plan and plans again,
+    and the next click is pre-processed on the published model's grid."""
     studies = str(tmp_path_factory.mktemp("studies"))
     write_case(studies, "case_0", *scan(50, ct=True, seed=0))
     for i in (1, 2):
@@ -148,6 +157,11 @@ def test_a_server_on_auto_serves_the_plan_of_the_model_training_publishes(tmp_pa
             return result["preset"]
 
         assert click() == start_name
+        task = train_and_wait(client, {"steps": 3, "val_split": 0.0})
+        assert task["status"] == "DONE", task
+        first = torch.load(os.path.join(app, "model", "sam3d.pt"), weights_only=True)["meta"]["preset_values"]
+        assert first["planned_from"] == 1 and tuple(first["spacing"]) == (2.0, 2.0, 2.0)
+        assert click() == start_name  # the published model's plan: the one the server made at start-up
         for i in (1, 2):
             label = os.path.join(tmp, f"case_{i}.nii.gz")
             nib.save(nib.Nifti1Image(scan(100, ct=True, seed=i)[1], np.diag([-1.5, -1.5, 3.0, 1.0])), label)
@@ -155,7 +169,7 @@ def test_a_server_on_auto_serves_the_plan_of_the_model_training_publishes(tmp_pa
         task = train_and_wait(client, {"steps": 3, "val_split": 0.0})
         assert task["status"] == "DONE", task
         meta = torch.load(os.path.join(app, "model", "sam3d.pt"), weights_only=True)["meta"]
-        assert tuple(meta["preset_values"]["spacing"]) == (4.0, 4.0, 4.0)
+        assert tuple(meta["preset_values"]["spacing"]) == (4.0, 4.0, 4.0) and meta["preset_values"]["planned_from"] == 3
         assert meta["train_images"] == 3
         served = click(preset="auto")  # the first click after publishing swaps the model, and its preset, in
         assert served != start_name and "4 mm" in client.info()["models"]["sam3d"]["presets"][served]

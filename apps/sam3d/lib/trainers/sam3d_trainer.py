@@ -162,7 +162,7 @@ class Sam3DTrainer(TrainTask):
         train, val = [datalist[i] for i in order[n_val:]], [datalist[i] for i in order[:n_val]]
         # The training pairs, not the studies folder: a DICOMweb datastore's labels are files only here.
         preset_name, preset = resolve_preset(self.preset, self.model_meta, lambda: [(d["image"], d["label"]) for d in train],
-                                             CONFIGS[self.backbone].crop_size, self.label_value)
+                                             CONFIGS[self.backbone].crop_size, self.label_value, len(train))
         job = TrainingJob(
             source=self.source,
             preset_name=preset_name,

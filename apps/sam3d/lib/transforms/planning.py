@@ -34,6 +34,8 @@ LESION_SHARE = 0.85
 FINEST_SPACING, COARSEST_SPACING, SPACING_STEP = 1.0, 8.0, 1.0
 # Enough cases for stable percentiles and a median size, few enough that a server starts in seconds.
 MAX_PLANNED_CASES = 30
+# A training run plans again once its labelled pairs outnumber those of the model's plan this many times.
+REPLAN_GROWTH = 2
 TUMOUR_SAMPLE = 100_000  # tumour voxels per case at most, drawn at random (seeded) for the percentiles
 
 
@@ -103,14 +105,14 @@ def plan_preset(cases: Sequence[Tuple[str, Optional[str]]], crop_size: int,
     source = f"planned from {len(labelled)} labelled images"
     if not is_ct:
         return Preset(f"MR, {source} (per-image window and z-score; {spacing:g} mm)", None, None, None,
-                      spacing=(spacing,) * 3, in_plane_augmentation=in_plane)
+                      spacing=(spacing,) * 3, in_plane_augmentation=in_plane, planned_from=len(labelled))
     values = np.concatenate([p.tumour_values for p in labelled])
     low, high = np.percentile(values, [0.5, 99.5])
     low, high = float(math.floor(low)), float(max(math.ceil(high), math.floor(low) + 1))
     inside = np.clip(values, low, high)
     return Preset(f"CT, {source} (window {low:g} to {high:g} HU; {spacing:g} mm)", (low, high),
                   round(float(inside.mean()), 2), round(max(float(inside.std()), 1e-3), 2),
-                  spacing=(spacing,) * 3, in_plane_augmentation=in_plane)
+                  spacing=(spacing,) * 3, in_plane_augmentation=in_plane, planned_from=len(labelled))
 
 
 def preset_values(preset: Preset) -> dict:
@@ -145,13 +147,20 @@ def register_preset(preset: Preset) -> str:
 
 
 def resolve_preset(name: str, model_meta: dict, cases: Callable[[], Sequence[Tuple[str, Optional[str]]]],
-                   crop_size: int, label_value: Optional[int] = None) -> Tuple[str, Preset]:
+                   crop_size: int, label_value: Optional[int] = None,
+                   labelled_now: Optional[int] = None) -> Tuple[str, Preset]:
     """(name, values) of the preset ``name``; for AUTO, the preset the model was trained with when its metadata
-    records one (a model keeps its grid), else one planned from ``cases()`` (called only then)."""
+    records one (a model keeps its grid), else one planned from ``cases()`` (called only then).
+
+    ``labelled_now``: a training run's number of labelled pairs. A preset planned from fewer than 1 /
+    REPLAN_GROWTH of them is planned again from ``cases()``, so that a plan made from the first few labels of an
+    active-learning session does not hold for good (the run then fine-tunes the model onto the new grid)."""
     if name != AUTO:
         return name, PRESETS[name]
     preset = model_preset(model_meta)
-    if preset is None:
+    outgrown = (preset is not None and preset.planned_from is not None and labelled_now is not None
+                and labelled_now > REPLAN_GROWTH * preset.planned_from)
+    if preset is None or outgrown:
         preset = plan_preset(cases(), crop_size, label_value)
         logger.info(f"preset auto: {preset.description}")
     return register_preset(preset), preset

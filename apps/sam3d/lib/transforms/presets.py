@@ -36,6 +36,9 @@ class Preset:
     # The tumour's value in the labels of the dataset the preset was made for (the authors' target class); None:
     # every non-zero voxel.
     tumour_value: Optional[int] = None
+    # For a preset planned from a collection (lib/transforms/planning.py): how many labelled images it was
+    # planned from. None: a named preset.
+    planned_from: Optional[int] = None
 
 
 PAPER_PRESETS: Dict[str, Preset] = {
