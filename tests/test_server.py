@@ -158,6 +158,7 @@ def test_clicks_far_apart_give_crops_that_are_stitched(client, server):
         ("demo_ct_01", {"foreground": [[1.5, 2, 3]]}, 422, "whole voxel"),
         ("demo_ct_01", {}, 422, "no foreground click"),
         ("demo_ct_01", {"foreground": [[1, 1, 1]], "preset": "brain"}, 422, "unknown preset"),
+        ("demo_ct_01", {"foreground": [[1, 1, 1]], "preset": "auto"}, 422, "--conf preset auto"),
         ("demo_ct_01", {"foreground": [[1, 1, 1]], "label": ["tumor"]}, 422, "segment name"),
     ],
 )

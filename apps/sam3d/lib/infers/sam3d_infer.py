@@ -152,6 +152,9 @@ class Sam3DInfer(BasicInferTask):
         preset = preset[0] if isinstance(preset, (list, tuple)) and preset else preset
         if preset == AUTO and self.follow_model_preset:  # what this server serves for "auto"
             preset = self._config["preset"][0]
+        elif preset == AUTO:
+            raise InvalidRequest("preset auto is planned at start-up: start the server with --conf preset auto, or "
+                                 f"choose one of {sorted(PRESETS)}")
         if not isinstance(preset, str) or preset not in PRESETS:
             raise InvalidRequest(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         # Slicer sends the name of the segment being edited; the mask is binary, so any name will do.
