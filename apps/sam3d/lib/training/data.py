@@ -24,7 +24,7 @@ def load_labelled(
 
 
 def tumour(label: torch.Tensor, label_value: Optional[int]) -> torch.Tensor:
-    """The voxels equal to ``label_value``, or all non-zero ones."""
+    """The voxels equal to ``label_value``, or all non-zero ones (of a tensor or a numpy array)."""
     return (label.round() == label_value) if label_value else label > 0.5
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from lib.training.data import tumour
+
 from .presets import PRESETS, Preset
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def fingerprint(image_path: str, label_path: Optional[str], label_value: Optiona
     if label_path is None:
         return CaseFingerprint(spacing, fat_share, None, np.zeros(0, np.float32))
     label = sitk.GetArrayFromImage(sitk.ReadImage(label_path))  # a copy: a view would outlive its image
-    mask = (np.round(label) == label_value) if label_value else label > 0.5
+    mask = tumour(label, label_value)
     if mask.shape != pixels.shape or not mask.any():
         return CaseFingerprint(spacing, fat_share, None, np.zeros(0, np.float32))
     # Components within the lesions' box only: those of a whole-body label would take gigabytes.
