@@ -17,7 +17,6 @@ from lib.files import PARTIAL_PREFIX, PARTIAL_SUFFIX
 from lib.model.build import ModelSource, resolve_backbone, served_file
 from lib.cases import studies_images
 from lib.settings import DEMO, Settings
-from lib.transforms.planning import resolve_preset
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +114,7 @@ class Sam3DTaskConfig(TaskConfig):
         self.compile = settings.compile == "true" or (settings.compile == "auto" and settings.on_gpu)
         self.warmup = settings.warmup
         self.network = self.build_model()
-        # "auto": the served model's own preset, else one planned from the studies folder's images and labels
-        # (a training run, a process of its own, plans again from the labels saved by then).
-        self.preset, _ = resolve_preset(settings.preset, self.network.weights_info["meta"],
-                                        lambda: studies_images(kwargs.get("studies") or ""), self.network.crop_size,
-                                        settings.label_value)
+        self.studies = kwargs.get("studies") or ""
 
     def build_model(self):
         """The model in use: the last published training result if it was trained from the checkpoint asked
@@ -137,8 +132,9 @@ class Sam3DTaskConfig(TaskConfig):
             self.name: Sam3DInfer(
                 model=self.network,
                 settings=self.settings,
-                preset=self.preset,
                 model_version=uuid.uuid4().hex,
+                # "auto" without a model that records its preset: planned from the studies folder's labels
+                plan_cases=lambda: studies_images(self.studies),
                 published_path=self.source.published,
                 rebuild=self.build_model,
             )

@@ -5,7 +5,7 @@ import os
 import threading
 import uuid
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from lib.errors import InvalidRequest
 from lib.transforms.request_clicks import MapClicksToImaged, ValidateClicksd
 from lib.transforms.crops import Crop, plan_crops
 from lib.transforms.keys import BOX, CLICKS, CROP_BOXES, IMAGE, PRED, from_cache
-from lib.transforms.planning import AUTO, model_preset, preset_values, register_preset
+from lib.transforms.planning import AUTO, model_preset, preset_values, register_preset, resolve_preset
 from lib.transforms.presets import PRESETS, preprocessing
 from lib.transforms.resample import ResampleToOriginalGridd
 
@@ -38,15 +38,17 @@ class Sam3DInfer(BasicInferTask):
         self,
         model: Sam3D,
         settings: Settings,
-        preset: str,
         model_version: str,
+        plan_cases: Callable[[], Sequence[Tuple[str, Optional[str]]]] = lambda: [],
         published_path: Optional[str] = None,
         rebuild: Optional[Callable[[], Sam3D]] = None,
         description: str = "3DSAM-adapter: a 3D tumour mask from foreground/background clicks",
     ) -> None:
         """``settings``: the app's (lib/settings.py): labels, device, cache sizes and the bounds of a request
-        (crops, following, image size). ``preset``: the name of the preset served by default (settings.preset
-        resolved: for "auto", the model's own or a planned one, which follows the model training publishes)."""
+        (crops, following, image size) and the preset served by default. With preset "auto" that is the model's
+        own, else one planned from ``plan_cases()`` ((image, final label or None) pairs) at the first request or
+        /info/: planning reads images, which the processes MONAI Label starts for training and scoring, loading
+        the whole app, need not; it follows the model training publishes."""
         super().__init__(
             path=None,
             network=None,
@@ -55,9 +57,12 @@ class Sam3DInfer(BasicInferTask):
             dimension=3,
             description=description,
             # A list is shown as a choice in Slicer; its first item is the default.
-            config={"preset": self.preset_choices(preset), "device": settings.device},
+            config={"preset": self.preset_choices(settings.preset), "device": settings.device},
         )
         self.follow_model_preset = settings.preset == AUTO
+        self.plan_cases = plan_cases
+        self.label_value = settings.label_value
+        self._preset_lock = threading.Lock()
         self.model = model.to(settings.device)
         self.model_version = model_version
         self.device = settings.device
@@ -113,7 +118,8 @@ class Sam3DInfer(BasicInferTask):
             self.model, self.model_version = model.to(self.device), uuid.uuid4().hex
             preset = model_preset(model.weights_info["meta"]) if self.follow_model_preset else None
             if preset is not None:
-                self._config["preset"] = self.preset_choices(register_preset(preset))
+                with self._preset_lock:
+                    self._config["preset"] = self.preset_choices(register_preset(preset))
         logger.info(f"sam3d: now serving {self.published_path} (preset {self._config['preset'][0]})")
 
     @staticmethod
@@ -121,7 +127,17 @@ class Sam3DInfer(BasicInferTask):
         """The preset names as Slicer shows a choice: a list whose first item is the default."""
         return [default] + [p for p in PRESETS if p != default]
 
+    def served_preset(self) -> str:
+        """The name of the preset served by default; "auto" is resolved here, once."""
+        with self._preset_lock:
+            if self._config["preset"][0] == AUTO:
+                name, _ = resolve_preset(AUTO, self.model.weights_info["meta"], self.plan_cases, self.model.crop_size,
+                                         self.label_value)
+                self._config["preset"] = self.preset_choices(name)
+            return self._config["preset"][0]
+
     def info(self) -> Dict[str, Any]:
+        served = self.served_preset()
         info = super().info()
         warning = self.model.weights_info.get("warning")
         if warning:  # what Slicer and OHIF show beside the model's name
@@ -133,7 +149,7 @@ class Sam3DInfer(BasicInferTask):
             "warmed_up": self.warmed_up.is_set(),
             "presets": {k: p.description for k, p in PRESETS.items()},
             # The default preset's values: with "auto" they are planned, and a client cannot look them up.
-            "preset": {"name": self._config["preset"][0], **preset_values(PRESETS[self._config["preset"][0]])},
+            "preset": {"name": served, **preset_values(PRESETS[served])},
         }
 
     def is_valid(self) -> bool:
@@ -151,7 +167,7 @@ class Sam3DInfer(BasicInferTask):
         preset = data.get("preset")
         preset = preset[0] if isinstance(preset, (list, tuple)) and preset else preset
         if preset == AUTO and self.follow_model_preset:  # what this server serves for "auto"
-            preset = self._config["preset"][0]
+            preset = self.served_preset()
         elif preset == AUTO:
             raise InvalidRequest("preset auto is planned at start-up: start the server with --conf preset auto, or "
                                  f"choose one of {sorted(PRESETS)}")
