@@ -55,8 +55,9 @@ from lib.cases import EXTENSIONS, find_cases  # noqa: E402
 from lib.training.demo import DEMO_FILE  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.training.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
+from lib.training.data import tumour  # noqa: E402
 from lib.training.evaluate import dice  # noqa: E402
-from lib.transforms.planning import AUTO  # noqa: E402
+from lib.transforms.planning import AUTO, named_label_value  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 from local_server import copy_app, start_server, stop_server  # noqa: E402
 
@@ -255,9 +256,9 @@ def server_conf(args: argparse.Namespace) -> List[str]:
     return conf
 
 
-def tumour(label_path: str, label_value: Optional[int]) -> np.ndarray:
-    label, _ = read_ijk(label_path)
-    return np.round(label) == label_value if label_value else label > 0
+def lesion_of(label_path: str, label_value: Optional[int]) -> np.ndarray:
+    """The label file's tumour voxels, by the rule training reads them with."""
+    return tumour(read_ijk(label_path)[0], label_value)
 
 
 def run_session(
@@ -285,7 +286,7 @@ def run_session(
         return
     by_id = {case: (image, label) for case, image, label in cases}
     kinds = read_lesion_kinds(args.data)
-    label_value = args.label_value or (PRESETS[args.preset].tumour_value if args.preset != AUTO else None)
+    label_value = args.label_value or named_label_value(args.preset)
     log_path = os.path.join(folder, f"server-{time.strftime('%Y%m%d-%H%M%S')}.log")
     # MONAI Label starts a scoring run (a process that loads the whole app) at every next-sample request; the
     # session uses no scoring, and those runs would take the CPU from the clicks and the training.
@@ -298,7 +299,7 @@ def run_session(
             labelled = radiologist.final_labels()
             for case in done_cases:  # rows written, label not yet saved when the run stopped
                 if case not in labelled:
-                    radiologist.save_final(case, tumour(by_id[case][1], label_value), by_id[case][0])
+                    radiologist.save_final(case, lesion_of(by_id[case][1], label_value), by_id[case][0])
             # Cases without a lesion have a label and no row.
             annotated = len(labelled | set(done_cases))
             finished_before = max([int(r["runs_finished"]) for r in done], default=0)
@@ -309,7 +310,7 @@ def run_session(
                 if case is None:
                     break
                 image_path, label_path = by_id[case]
-                truth = tumour(label_path, label_value)
+                truth = lesion_of(label_path, label_value)
                 geometry = header(image_path)
                 if truth.shape != geometry.GetSize():
                     raise SystemExit(f"{label_path}: {truth.shape} voxels, its image {geometry.GetSize()}")

@@ -33,7 +33,7 @@ from lib.model import CONFIGS, build_sam3d  # noqa: E402
 from lib.model.build import ModelSource  # noqa: E402
 from lib.training.fit import batch_share  # noqa: E402
 from lib.training.job import TrainingJob, train_and_publish  # noqa: E402
-from lib.transforms.planning import AUTO, resolve_preset  # noqa: E402
+from lib.transforms.planning import AUTO, named_label_value, resolve_preset  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402
 
 
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="crops per step over all processes (default or 0: one per process)")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the resumable state")
+    parser.add_argument("--activation-checkpointing", choices=("true", "false"), type=str.lower,
+                        help="recompute activations in the backward pass (default: on, except for the tiny configuration)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast (the default on a GPU)")
     args = parser.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
     model = build_sam3d(args.checkpoint, args.backbone, args.sam_checkpoint, bfloat16).to(args.device)
     backbone = model.weights_info["backbone"]
 
-    label_value = args.label_value or (PRESETS[args.preset].tumour_value if args.preset != AUTO else None)
+    label_value = args.label_value or named_label_value(args.preset)
     try:
         cases = find_cases(args.data)
     except ValueError as e:
@@ -75,6 +77,7 @@ def main() -> None:
     preset_name, preset = resolve_preset(args.preset, model.weights_info["meta"],
                                          lambda: [(image, label) for _, image, label in cases], model.crop_size,
                                          label_value, len(cases))
+    checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "true"
     source = ModelSource(args.out, args.checkpoint, backbone, args.sam_checkpoint, model.bfloat16, args.device)
     job = TrainingJob(
         source=source,
@@ -85,7 +88,7 @@ def main() -> None:
         val=[],
         skipped={},
         options={"steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed,
-                 "activation_checkpointing": True, "batch_size": args.batch_size, "save_every": args.save_every},
+                 "activation_checkpointing": checkpointing, "batch_size": args.batch_size, "save_every": args.save_every},
         publish_path=args.out,
         stats_path=None,
         state_path=args.out + ".state",

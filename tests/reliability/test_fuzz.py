@@ -76,6 +76,9 @@ def test_training_options_are_typed_and_in_range_or_refused_with_a_reason(reques
         return
     assert set(options) == set(defaults)
     for name, value in options.items():
+        if TRAINING_OPTIONS[name].or_auto:  # auto (None) or a boolean
+            assert value in (None, True, False), (name, value)
+            continue
         assert type(value) is type(defaults[name]), (name, value)
         if TRAINING_OPTIONS[name].number:
             lowest, highest, _ = TRAINING_OPTIONS[name].number

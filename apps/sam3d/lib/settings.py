@@ -75,17 +75,21 @@ BACKBONES, PRESET_NAMES = tuple(CONFIGS), tuple(PRESETS) + (AUTO,)
 @dataclass(frozen=True)
 class Option:
     """One option: its default as a user writes it (None: decided from the other options), what it accepts (in
-    every error message about it and in the README), and for a number its range (lowest, highest, whole)."""
+    every error message about it and in the README), and for a number its range (lowest, highest, whole).
+    A boolean with ``or_auto`` also takes ``auto``, parsed as None: decided where the run knows its device."""
 
     default: Optional[str]
     accepts: str
     number: Optional[Tuple[float, float, bool]] = None
     boolean: bool = False
+    or_auto: bool = False
 
     def parse(self, value: Any, what: str) -> Any:
         """The value, typed and checked (raises ValueError naming ``what``): a number in range, a boolean, or the
         text as given for the options that parse their own."""
         if self.boolean:
+            if self.or_auto and str(value).strip().lower() == "auto":
+                return None
             return parse_bool(value, what)
         if self.number:
             lowest, highest, whole = self.number

@@ -36,6 +36,9 @@ class Sam3DConfig:
     prompt_mlp_dim: int = 2048
     decoder_chans: int = 128
     refiner_chans: int = 8
+    # Whether training recomputes activations in the backward pass unless asked otherwise: the paper's sizes do not
+    # fit in a workstation's memory without it; the tiny one keeps little and would only run slower.
+    checkpoint_activations: bool = True
 
     @property
     def token_grid(self) -> int:
@@ -50,6 +53,7 @@ CONFIGS = {
     "tiny": Sam3DConfig(
         embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3), crop_size=32, pretrain_grid=16,
         sam_window=4, window=4, out_chans=16, prompt_heads=2, prompt_mlp_dim=32, decoder_chans=8,
+        checkpoint_activations=False,
     ),
 }
 

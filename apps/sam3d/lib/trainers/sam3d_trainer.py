@@ -35,10 +35,11 @@ TRAINING_OPTIONS: Dict[str, Option] = {
                    number=(0, 2**32 - 1, True)),
     "batch_size": Option("0", "crops per step over all training processes, 0 to 1024; 0: one per process",
                          number=(0, 1024, True)),
-    # Recompute encoder activations in the backward pass: a paper-configuration step then fits a modest GPU
-    # (see docs/benchmarks.md) at about a third more compute.
-    "activation_checkpointing": Option("true", "true or false: recompute the encoder's activations in the backward "
-                                       "pass", boolean=True),
+    # Recompute activations in the backward pass: a paper-configuration step then fits a modest GPU or a
+    # workstation's memory at a third more compute; the tiny one's does anyway (docs/benchmarks.md).
+    "activation_checkpointing": Option("auto", "auto (on, except for the tiny configuration), true or false: recompute the "
+                                       "encoder's and each round's activations in the backward pass", boolean=True,
+                                       or_auto=True),
     # One process per visible GPU (MONAI Label's `gpus` request option chooses which are visible).
     "multi_gpu": Option("true", "true or false: one DistributedDataParallel process per visible GPU", boolean=True),
 }

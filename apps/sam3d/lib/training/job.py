@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lib.files import atomic_write
-from lib.model import Sam3D, save_sam3d
+from lib.model import CONFIGS, Sam3D, save_sam3d
 from lib.model.build import ModelSource
 from lib.transforms.planning import preset_values
 from lib.transforms.presets import Preset
@@ -38,7 +38,7 @@ class TrainingJob:
     train: List[Dict[str, str]]  # {"image": path, "label": path}
     val: List[Dict[str, str]]
     skipped: Dict[str, str]  # image file name -> why its pair is not used
-    options: Dict[str, Any]  # steps, learning_rate, seed, activation_checkpointing
+    options: Dict[str, Any]  # steps, learning_rate, seed, activation_checkpointing (None: auto), ...
     publish_path: str
     stats_path: Optional[str]  # None: the stats go into the published file's metadata only
     state_path: str  # the resumable state, removed once published
@@ -71,7 +71,7 @@ def train_and_publish(
     (resumable through ``job.state_path``), then on the first process validate and publish."""
     start = time.time() if start is None else start
     options = job.options
-    model.image_encoder.gradient_checkpointing = options["activation_checkpointing"]
+    model.image_encoder.gradient_checkpointing = checkpointing(options.get("activation_checkpointing"), job.backbone)
     volumes = [
         load_labelled(d["image"], d["label"], job.preset, job.label_value)
         for d in tqdm(job.train, desc="loading", disable=rank > 0)
@@ -89,6 +89,12 @@ def train_and_publish(
     )
     if rank == 0:
         publish(job, model, losses, resumed_at, world, time.time() - start)
+
+
+def checkpointing(option: Optional[bool], backbone: str) -> bool:
+    """Whether a step recomputes activations in its backward pass: as asked, or (None: auto) as the configuration
+    says (on for the paper's sizes, off for tiny)."""
+    return option if option is not None else CONFIGS[backbone].checkpoint_activations
 
 
 def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world: int, seconds: float) -> None:

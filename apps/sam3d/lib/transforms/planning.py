@@ -117,6 +117,11 @@ def plan_preset(cases: Sequence[Tuple[str, Optional[str]]], crop_size: int,
                   spacing=(spacing,) * 3, in_plane_augmentation=in_plane, planned_from=len(labelled))
 
 
+def named_label_value(name: str) -> Optional[int]:
+    """The tumour's label value a preset name implies: a named preset's own; ``auto`` implies none."""
+    return None if name == AUTO else PRESETS[name].tumour_value
+
+
 def preset_values(preset: Preset) -> dict:
     """What a published model records of the preset it was trained with (``model_preset`` reads it back)."""
     return asdict(preset)
