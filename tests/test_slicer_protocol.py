@@ -154,3 +154,37 @@ def test_a_slicer_roi_placed_in_ras_alone_segments_the_lesion_in_physical_space(
     assert len(ras) and in_lesion.mean() > 0.6, (study.name, roi, len(ras), in_lesion.mean())
     voxel_mm3 = float(np.prod(image.GetSpacing()))
     assert in_lesion.sum() * voxel_mm3 > 0.5 * 4 / 3 * np.pi * np.prod(radii), (study.name, in_lesion.sum())
+
+
+def slicer_train_params(config: dict) -> dict:
+    """What the module sends on Train for a trainer's /info/ ``config``, nothing edited: its options table
+    (updateConfigTable: a check box for a boolean, a combo box for a list, else a line edit holding
+    ``str(value) if value else ""``) read back and typed by the shown value's type (invalidateConfigTable), a list
+    sent as its first item (getParamsFromConfig)."""
+    params = {}
+    for key, shown in config.items():
+        if isinstance(shown, bool):
+            params[key] = shown
+        elif isinstance(shown, (list, dict)):
+            params[key] = list(shown)[0]
+        else:
+            text = str(shown) if shown else ""
+            if isinstance(shown, int):
+                params[key] = int(text) if text else 0
+            elif isinstance(shown, float):
+                params[key] = float(text) if text else 0.0
+            else:
+                params[key] = text
+    return params
+
+
+def test_slicers_train_button_with_the_options_table_as_shown_starts_a_run(slicer_server, tmp_path):
+    """An option shown as null (a default decided later) comes back from Slicer's table as '' and would make the
+    server refuse every Train click; what /info/ shows must come back as a valid request."""
+    url, _ = slicer_server
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    params = slicer_train_params(client.info()["trainers"]["sam3d"]["config"])
+    try:
+        client.train_start("sam3d", params)  # a refused request raises MONAILabelClientException
+    finally:
+        client.train_stop()

@@ -44,6 +44,11 @@ TRAINING_OPTIONS: Dict[str, Option] = {
     "multi_gpu": Option("true", "true or false: one DistributedDataParallel process per visible GPU", boolean=True),
 }
 DEFAULT_OPTIONS = typed_defaults(TRAINING_OPTIONS)
+# The defaults as /info/ shows them to clients that let a user edit them (Slicer's options table sends back what
+# it shows): a boolean or auto is a choice, which MONAI Label's clients show as a list, the default first.
+SHOWN_OPTIONS = {
+    name: ["auto", "true", "false"] if TRAINING_OPTIONS[name].or_auto else value for name, value in DEFAULT_OPTIONS.items()
+}
 
 
 # What MONAI Label puts into a train request itself (its client, the server, and the training process it starts).
@@ -133,7 +138,7 @@ class Sam3DTrainer(TrainTask):
         self.model_meta = model_meta or {}
 
     def config(self) -> Dict[str, Any]:
-        return dict(DEFAULT_OPTIONS)
+        return dict(SHOWN_OPTIONS)
 
     def stats(self) -> Dict[str, Any]:
         if not os.path.exists(self.stats_path):
