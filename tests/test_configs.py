@@ -172,4 +172,3 @@ def test_activation_checkpointing_is_on_for_the_papers_sizes_and_off_for_tiny_un
     assert (checkpointing(off, "tiny"), checkpointing(off, "vit_b")) == (False, False)
     with pytest.raises(InvalidRequest, match="activation_checkpointing"):
         training_options({"activation_checkpointing": "sometimes"})
-

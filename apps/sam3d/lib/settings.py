@@ -76,7 +76,8 @@ BACKBONES, PRESET_NAMES = tuple(CONFIGS), tuple(PRESETS) + (AUTO,)
 class Option:
     """One option: its default as a user writes it (None: decided from the other options), what it accepts (in
     every error message about it and in the README), and for a number its range (lowest, highest, whole).
-    A boolean with ``or_auto`` also takes ``auto``, parsed as None: decided where the run knows its device."""
+    A boolean with ``or_auto`` also takes ``auto``, parsed as None: decided by whoever uses it (e.g. training, by
+    the model's configuration)."""
 
     default: Optional[str]
     accepts: str
@@ -94,6 +95,14 @@ class Option:
         if self.number:
             lowest, highest, whole = self.number
             return parse_number(value, what, lowest, highest, integer=whole)
+        return value
+
+    def shown(self, value: Any) -> Any:
+        """``value`` (parsed) as /info/ shows it to clients that let a user edit it and send back what they show
+        (Slicer's options table): a boolean-or-auto as a choice, a list with the default first (None would come
+        back as '')."""
+        if self.or_auto:
+            return [self.default] + [c for c in ("auto", "true", "false") if c != self.default]
         return value
 
 

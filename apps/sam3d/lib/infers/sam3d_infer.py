@@ -169,8 +169,8 @@ class Sam3DInfer(BasicInferTask):
         if preset == AUTO and self.follow_model_preset:  # what this server serves for "auto"
             preset = self.served_preset()
         elif preset == AUTO:
-            raise InvalidRequest("preset auto is planned at start-up: start the server with --conf preset auto, or "
-                                 f"choose one of {sorted(PRESETS)}")
+            raise InvalidRequest("preset auto is a server's setting, planned from its studies: start the server with "
+                                 f"--conf preset auto, or choose one of {sorted(PRESETS)}")
         if not isinstance(preset, str) or preset not in PRESETS:
             raise InvalidRequest(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         # Slicer sends the name of the segment being edited; the mask is binary, so any name will do.

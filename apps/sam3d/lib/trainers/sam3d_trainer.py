@@ -44,11 +44,7 @@ TRAINING_OPTIONS: Dict[str, Option] = {
     "multi_gpu": Option("true", "true or false: one DistributedDataParallel process per visible GPU", boolean=True),
 }
 DEFAULT_OPTIONS = typed_defaults(TRAINING_OPTIONS)
-# The defaults as /info/ shows them to clients that let a user edit them (Slicer's options table sends back what
-# it shows): a boolean or auto is a choice, which MONAI Label's clients show as a list, the default first.
-SHOWN_OPTIONS = {
-    name: ["auto", "true", "false"] if TRAINING_OPTIONS[name].or_auto else value for name, value in DEFAULT_OPTIONS.items()
-}
+SHOWN_OPTIONS = {name: TRAINING_OPTIONS[name].shown(value) for name, value in DEFAULT_OPTIONS.items()}
 
 
 # What MONAI Label puts into a train request itself (its client, the server, and the training process it starts).
