@@ -55,7 +55,7 @@ from lib.cases import EXTENSIONS, find_cases  # noqa: E402
 from lib.training.demo import DEMO_FILE  # noqa: E402
 from lib.phantoms import read_lesion_kinds  # noqa: E402
 from lib.training.simulated_user import CONNECTIVITY, protocol_click  # noqa: E402
-from lib.training.data import tumour  # noqa: E402
+from lib.labels import tumour  # noqa: E402
 from lib.training.evaluate import dice  # noqa: E402
 from lib.transforms.planning import AUTO, named_label_value  # noqa: E402
 from lib.transforms.presets import PRESETS  # noqa: E402

@@ -7,7 +7,7 @@ from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.training.data import tumour
+from lib.labels import tumour
 from lib.training.evaluate import dice
 
 logger = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from monai.transforms import LoadImage
 
+from lib.labels import tumour
 from lib.transforms.grid import GridMap
 from lib.transforms.presets import PRESETS, READER, Preset, preprocessing
 
@@ -21,11 +22,6 @@ def load_labelled(
     for t in preprocessing(PRESETS[preset] if isinstance(preset, str) else preset, label=True):
         data = t(data)
     return data["image"].as_tensor().float(), tumour(data["label"].as_tensor(), label_value)
-
-
-def tumour(label: torch.Tensor, label_value: Optional[int]) -> torch.Tensor:
-    """The voxels equal to ``label_value``, or all non-zero ones (of a tensor or a numpy array)."""
-    return (label.round() == label_value) if label_value else label > 0.5
 
 
 def load_on_image_grid(

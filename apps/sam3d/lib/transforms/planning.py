@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lib.training.data import tumour
+from lib.labels import tumour
 
 from .presets import PRESETS, Preset
 
