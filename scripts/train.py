@@ -48,7 +48,7 @@ def main() -> None:
                         help="auto: the starting checkpoint's recorded preset, else planned from the data's labels")
     parser.add_argument("--label-value", type=int, help="the tumour's label value (default: the preset's, else any > 0)")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--learning-rate", type=float, default=4e-4)
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the configuration's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="crops per step over all processes (default or 0: one per process)")
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the resumable state")

@@ -76,8 +76,8 @@ BACKBONES, PRESET_NAMES = tuple(CONFIGS), tuple(PRESETS) + (AUTO,)
 class Option:
     """One option: its default as a user writes it (None: decided from the other options), what it accepts (in
     every error message about it and in the README), and for a number its range (lowest, highest, whole).
-    A boolean with ``or_auto`` also takes ``auto``, parsed as None: decided by whoever uses it (e.g. training, by
-    the model's configuration)."""
+    With ``or_auto`` a boolean or a number also takes ``auto``, parsed as None: decided by whoever uses it (e.g.
+    training, by the model's configuration)."""
 
     default: Optional[str]
     accepts: str
@@ -88,9 +88,9 @@ class Option:
     def parse(self, value: Any, what: str) -> Any:
         """The value, typed and checked (raises ValueError naming ``what``): a number in range, a boolean, or the
         text as given for the options that parse their own."""
+        if self.or_auto and str(value).strip().lower() == "auto":
+            return None
         if self.boolean:
-            if self.or_auto and str(value).strip().lower() == "auto":
-                return None
             return parse_bool(value, what)
         if self.number:
             lowest, highest, whole = self.number
@@ -99,11 +99,11 @@ class Option:
 
     def shown(self, value: Any) -> Any:
         """``value`` (parsed) as /info/ shows it to clients that let a user edit it and send back what they show
-        (Slicer's options table): a boolean-or-auto as a choice, a list with the default first (None would come
-        back as '')."""
-        if self.or_auto:
+        (Slicer's options table): a boolean-or-auto as a choice, a list with the default first, and a number's auto
+        as the text ``auto`` (None would come back as '')."""
+        if self.or_auto and self.boolean:
             return [self.default] + [c for c in ("auto", "true", "false") if c != self.default]
-        return value
+        return "auto" if self.or_auto and value is None else value
 
 
 def typed_defaults(options: Dict[str, Option]) -> Dict[str, Any]:

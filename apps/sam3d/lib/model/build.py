@@ -39,6 +39,9 @@ class Sam3DConfig:
     # Whether training recomputes activations in the backward pass unless asked otherwise: the paper's sizes do not
     # fit in a workstation's memory without it; the tiny one keeps little and would only run slower.
     checkpoint_activations: bool = True
+    # Training's peak learning rate unless asked otherwise: the paper's for adapters over SAM's backbone; the tiny
+    # configuration trains all its weights and learns real tumours better at a higher one (docs/real_scans.md).
+    learning_rate: float = 4e-4
 
     @property
     def token_grid(self) -> int:
@@ -53,7 +56,7 @@ CONFIGS = {
     "tiny": Sam3DConfig(
         embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3), crop_size=32, pretrain_grid=16,
         sam_window=4, window=4, out_chans=16, prompt_heads=2, prompt_mlp_dim=32, decoder_chans=8,
-        checkpoint_activations=False,
+        checkpoint_activations=False, learning_rate=1e-3,
     ),
 }
 

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 # One row per training option (the README's table lists the same; tests/test_configs.py checks it).
 TRAINING_OPTIONS: Dict[str, Option] = {
     "steps": Option("200", "a whole number, 1 to 1e6", number=(1, 10**6, True)),
-    "learning_rate": Option("4e-4", "AdamW's, decaying linearly to 1 % over the run; 1e-8 to 1", number=(1e-8, 1.0, False)),
+    "learning_rate": Option("auto", "auto (1e-3 for the tiny configuration, the paper's 4e-4 otherwise) or 1e-8 to 1: "
+                            "AdamW's peak, decaying linearly to 1 % over the run", number=(1e-8, 1.0, False), or_auto=True),
     "val_split": Option("0.2", "the share of the images held out to validate the published model, 0 to 0.5",
                         number=(0.0, 0.5, False)),
     "seed": Option("0", "a whole number, 0 to 2^32 - 1: the crops, clicks and split of the run",

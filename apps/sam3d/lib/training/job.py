@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -38,7 +38,7 @@ class TrainingJob:
     train: List[Dict[str, str]]  # {"image": path, "label": path}
     val: List[Dict[str, str]]
     skipped: Dict[str, str]  # image file name -> why its pair is not used
-    options: Dict[str, Any]  # steps, learning_rate, seed, activation_checkpointing (None: auto), ...
+    options: Dict[str, Any]  # steps, learning_rate and activation_checkpointing (None: auto), seed, ...
     publish_path: str
     stats_path: Optional[str]  # None: the stats go into the published file's metadata only
     state_path: str  # the resumable state, removed once published
@@ -70,8 +70,9 @@ def train_and_publish(
     """The one training run, of the train task and of scripts/train.py: load and pre-process the pairs, fit
     (resumable through ``job.state_path``), then on the first process validate and publish."""
     start = time.time() if start is None else start
+    job = replace(job, options=configured(job.options, job.backbone))
     options = job.options
-    model.image_encoder.gradient_checkpointing = checkpointing(options.get("activation_checkpointing"), job.backbone)
+    model.image_encoder.gradient_checkpointing = options["activation_checkpointing"]
     volumes = [
         load_labelled(d["image"], d["label"], job.preset, job.label_value)
         for d in tqdm(job.train, desc="loading", disable=rank > 0)
@@ -91,10 +92,16 @@ def train_and_publish(
         publish(job, model, losses, resumed_at, world, time.time() - start)
 
 
-def checkpointing(option: Optional[bool], backbone: str) -> bool:
-    """Whether a step recomputes activations in its backward pass: as asked, or (None: auto) as the configuration
-    says (on for the paper's sizes, off for tiny)."""
-    return option if option is not None else CONFIGS[backbone].checkpoint_activations
+# The training options whose ``auto`` (None) the model's configuration decides, and the field that does.
+CONFIGURED = {"activation_checkpointing": "checkpoint_activations", "learning_rate": "learning_rate"}
+
+
+def configured(options: Dict[str, Any], backbone: str) -> Dict[str, Any]:
+    """``options`` with each ``auto`` (None, or absent) of CONFIGURED as ``backbone``'s configuration says: whether
+    a step recomputes activations in its backward pass (on for the paper's sizes, off for tiny) and the peak
+    learning rate (the paper's, or tiny's own)."""
+    config = CONFIGS[backbone]
+    return {**options, **{name: getattr(config, field) for name, field in CONFIGURED.items() if options.get(name) is None}}
 
 
 def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world: int, seconds: float) -> None:
