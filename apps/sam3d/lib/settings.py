@@ -90,11 +90,14 @@ class Option:
         text as given for the options that parse their own."""
         if self.or_auto and str(value).strip().lower() == "auto":
             return None
-        if self.boolean:
-            return parse_bool(value, what)
-        if self.number:
-            lowest, highest, whole = self.number
-            return parse_number(value, what, lowest, highest, integer=whole)
+        try:
+            if self.boolean:
+                return parse_bool(value, what)
+            if self.number:
+                lowest, highest, whole = self.number
+                return parse_number(value, what, lowest, highest, integer=whole)
+        except ValueError as e:
+            raise ValueError(f"{e}, nor auto" if self.or_auto else str(e)) from None
         return value
 
     def shown(self, value: Any) -> Any:
