@@ -97,7 +97,9 @@ class Option:
                 lowest, highest, whole = self.number
                 return parse_number(value, what, lowest, highest, integer=whole)
         except ValueError as e:
-            raise ValueError(f"{e}, nor auto" if self.or_auto else str(e)) from None
+            if not self.or_auto:
+                raise
+            raise ValueError(f"{e}, nor auto") from None
         return value
 
     def shown(self, value: Any) -> Any:
