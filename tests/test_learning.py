@@ -14,6 +14,8 @@ from lib.training.fit import fit
 from lib.transforms.presets import PRESETS
 
 pytestmark = pytest.mark.slow
+# Any rate serves the resume test (it compares two runs); the one it was written at.
+RATE = 4e-4
 
 
 def held_out_dice(model, demo_studies):
@@ -100,14 +102,14 @@ def test_scored_on_the_images_own_grid_clicks_and_masks_land_where_the_model_gri
 def test_a_run_that_died_resumes_where_it_stopped_and_ends_as_an_unbroken_run(training_studies, tmp_path):
     steps, state = 12, str(tmp_path / "state.pt")
     unbroken, unbroken_data = tiny_trainable(), CrashingVolumes(training_studies, limit=10**9)
-    unbroken_losses, _ = fit(unbroken, unbroken_data, steps, PRESETS["kits"], seed=3)
+    unbroken_losses, _ = fit(unbroken, unbroken_data, steps, PRESETS["kits"], RATE, seed=3)
 
     resumed = tiny_trainable()
     with pytest.raises(OSError):
-        fit(resumed, CrashingVolumes(training_studies, limit=7), steps, PRESETS["kits"], seed=3, state_path=state, save_every=4)
+        fit(resumed, CrashingVolumes(training_studies, limit=7), steps, PRESETS["kits"], RATE, seed=3, state_path=state, save_every=4)
     assert len(torch.load(state, weights_only=True)["losses"]) == 4  # saved at step 4, died in step 8
     resumed, resumed_data = tiny_trainable(), CrashingVolumes(training_studies, limit=10**9)
-    resumed_losses, resumed_at = fit(resumed, resumed_data, steps, PRESETS["kits"], seed=3, state_path=state, save_every=4)
+    resumed_losses, resumed_at = fit(resumed, resumed_data, steps, PRESETS["kits"], RATE, seed=3, state_path=state, save_every=4)
     assert resumed_at == 4 and resumed_data.reads < unbroken_data.reads  # went on from step 4, not from 0
 
     assert np.allclose(resumed_losses, unbroken_losses, atol=1e-5)
@@ -115,7 +117,7 @@ def test_a_run_that_died_resumes_where_it_stopped_and_ends_as_an_unbroken_run(tr
         assert torch.allclose(a, b, atol=1e-5), name
     # Another run (other settings) does not resume from this state.
     other = tiny_trainable()
-    assert fit(other, training_studies, 2, PRESETS["kits"], seed=4, state_path=state)[1] == 0
+    assert fit(other, training_studies, 2, PRESETS["kits"], RATE, seed=4, state_path=state)[1] == 0
 
 
 def test_background_clicks_train_through_the_inference_rule(training_studies):

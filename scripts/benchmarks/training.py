@@ -89,7 +89,7 @@ def ours(args, checkpoint: Optional[str], bfloat16: bool, checkpointing: bool, c
     model = build_sam3d(checkpoint=checkpoint, backbone=args.backbone, bfloat16=bfloat16).to(args.device).train()
     freeze_backbone(model)  # the paper's trainable parts, as the reference trains, whatever the backbone's weights
     model.image_encoder.gradient_checkpointing = checkpointing
-    optimizer, _ = fit.make_optimizer(model, steps=1)  # the schedule is never stepped: one step's cost
+    optimizer, _ = fit.make_optimizer(model, steps=1, lr=CONFIGS[args.backbone].learning_rate)  # the schedule is never stepped: one step's cost
     # One foreground click, then args.rounds - 1 correction rounds (1: one decoder pass, as in the reference's
     # step); no background first click; the same seed every step, so that every repeat and variant does the same work.
     session = fit.SimulatedSession(model)

@@ -35,8 +35,9 @@ FIRST_BACKGROUND_PROBABILITY = 0.3
 BOX_FIRST_PROBABILITY = 0.35
 
 
-def make_optimizer(model: Sam3D, steps: int, lr: float = 4e-4) -> Tuple[AdamW, LinearLR]:
-    """AdamW over the trainable parts only, decaying linearly to 1 % over ``steps`` (the paper's schedule)."""
+def make_optimizer(model: Sam3D, steps: int, lr: float) -> Tuple[AdamW, LinearLR]:
+    """AdamW over the trainable parts only at peak rate ``lr`` (each configuration's own: ``Sam3DConfig``),
+    decaying linearly to 1 % over ``steps`` (the paper's schedule)."""
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
     return optimizer, LinearLR(optimizer, start_factor=1.0, end_factor=0.01, total_iters=steps)
 
@@ -203,7 +204,7 @@ def fit(
     volumes: Sequence[Tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     preset: Preset,
-    lr: float = 4e-4,
+    lr: float,
     seed: int = 0,
     state_path: Optional[str] = None,
     save_every: int = 25,
