@@ -235,14 +235,14 @@ def main() -> None:
                     lesions[index] = lesion
                     shown.setdefault(index, {})[n] = (mask, clicks_so_far)
 
-            per_lesion = lesion_scores(model, volume, label, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid,
+            per_lesion = lesion_scores(model, volume, label, preset, clicks, tolerance=args.tolerance, bounds=bounds, grid=grid,
                                        observe=keep, first=args.first)
             for index, masks in shown.items():
                 picture(image_path, lesions[index], masks, grid.image_spacing, preset.window,
                         f"{case} lesion {index + 1}", os.path.join(args.out, "pictures", f"{case}_{index + 1}.png"))
         else:
             image, label = load_labelled(image_path, label_path, args.preset, label_value)
-            per_lesion = lesion_scores(model, image[0], label[0].numpy(), clicks, spacing, args.tolerance, bounds,
+            per_lesion = lesion_scores(model, image[0], label[0].numpy(), preset, clicks, spacing, args.tolerance, bounds,
                                        first=args.first)
         rows += [lesion_row(case, i + 1, kinds.get(case, ""), scores, args.clicks) for i, scores in enumerate(per_lesion)]
     if not rows:

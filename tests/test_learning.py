@@ -24,7 +24,7 @@ def held_out_dice(model, demo_studies):
     scores = []
     for study in STUDIES:
         volume, label = load_kits(demo_studies, study.name)
-        scores += lesion_dice(model, volume[0], label[0].numpy())
+        scores += lesion_dice(model, volume[0], label[0].numpy(), PRESETS["kits"])
     return float(np.mean(scores))
 
 
@@ -54,7 +54,7 @@ def test_corrections_improve_the_mask_on_held_out_hard_lesions(trained_tiny_mixe
     curves, background_changes = [], []
     for study in studies:
         volume, label = load_kits(str(tmp_path), study.name)
-        for scores in lesion_scores(model, volume[0], label[0].numpy(), (1, 2, 3, 4, 5)):
+        for scores in lesion_scores(model, volume[0], label[0].numpy(), PRESETS["kits"], (1, 2, 3, 4, 5)):
             curves.append([scores[n].dice for n in (1, 2, 3, 4, 5)])
             background_changes += [scores[n].dice - scores[n - 1].dice for n in (2, 3, 4, 5) if scores[n].click == "background"]
     curves = np.array(curves)
@@ -91,9 +91,9 @@ def test_scored_on_the_images_own_grid_clicks_and_masks_land_where_the_model_gri
         voxel = grid.image_spacing
         axes = grid.image_affine[:3, :3] / voxel
         reoriented += not np.allclose(np.abs(axes), np.eye(3), atol=1e-3) or not np.allclose(voxel, voxel[0])
-        on_image += [s[2].dice for s in lesion_scores(model, volume, label, (2,), grid=grid)]
+        on_image += [s[2].dice for s in lesion_scores(model, volume, label, PRESETS["kits"], (2,), grid=grid)]
         volume, label = load_kits(str(tmp_path), study.name)
-        on_model += [s[2].dice for s in lesion_scores(model, volume[0], label[0].numpy(), (2,))]
+        on_model += [s[2].dice for s in lesion_scores(model, volume[0], label[0].numpy(), PRESETS["kits"], (2,))]
     assert reoriented >= 3  # the grids the mapping has to get right
     # Measured: Dice@2 0.893 on the stored grids, 0.854 on the model's (where thick-slice labels are stair-stepped).
     assert np.mean(on_image) >= 0.7 and abs(np.mean(on_image) - np.mean(on_model)) <= 0.08, (on_image, on_model)

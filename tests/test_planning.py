@@ -76,12 +76,13 @@ def test_ct_plan_takes_its_window_from_the_tumour_and_its_grid_from_the_lesions_
     assert paper.spacing == (1.0, 1.0, 1.0) and paper.in_plane_augmentation
 
 
-def test_mr_plan_normalises_per_image_and_a_multiclass_label_is_read_for_its_tumour(tmp_path):
+def test_mr_plan_normalises_per_image_and_per_crop_and_a_multiclass_label_is_read_for_its_tumour(tmp_path):
     for i, size in enumerate((60, 60, 60)):
         image, label = scan(size, ct=False, seed=i, tumour_value=2)
         write_case(str(tmp_path), f"mr_{i}", image, label)
     tumour_only = plan_preset(studies_images(str(tmp_path)), TINY_CROP, label_value=2)
     assert tumour_only.window is None and tumour_only.mean is None and "MR" in tumour_only.description
+    assert tumour_only.crop_statistics
     # 60 mm at 0.85 of 32 voxels: 2.2 mm -> 2; the kidney-like rim about it (76 mm) would give 2.8 mm -> 3.
     assert tumour_only.spacing == (2.0, 2.0, 2.0)
     assert plan_preset(studies_images(str(tmp_path)), TINY_CROP).spacing == (3.0, 3.0, 3.0)
@@ -112,6 +113,9 @@ def test_a_model_keeps_the_preset_it_was_trained_with(tmp_path):
     assert model_preset({"preset": "kits"}) == PRESETS["kits"]  # models published before values were recorded
     assert model_preset({"preset": "kits", "demo": True}) is None  # the demo weights: planned for the user's scans
     assert model_preset({}) is None and model_preset({"preset_values": {"window": 1, "colour": 2}}) is None
+    # An MR model published before crops were normalised by their own statistics is served as it was trained.
+    before = {k: v for k, v in preset_values(planned).items() if k != "crop_statistics"}
+    assert planned.crop_statistics and not model_preset({"preset_values": before}).crop_statistics
     # "auto" serves what the model records, and plans only for a model that records nothing; a training run
     # plans again once it has more than twice the labels the model's plan was made from.
     assert resolve_preset("auto", meta, lambda: pytest.fail("planned"), TINY_CROP) == (name, planned)

@@ -34,6 +34,7 @@ from lib.model import Box, Clicks, CropEncoding, Sam3D, Sam3DPredictor
 from lib.model.predictor import BOX_MARGIN, kept_near_box
 from lib.regions import deepest_voxel
 from lib.transforms.crops import Crop, box_slices, crop_start, extract_box, paste_max, zoomed_box
+from lib.transforms.presets import PRESETS
 
 from .cache import BoundedCache, CropRounds, crop_key
 
@@ -94,7 +95,7 @@ class Request:
     background clicks, which go to every zoomed-out crop and tile they fall in) and the result it builds."""
 
     volume: torch.Tensor  # (D, H, W) pre-processed
-    preset: str
+    preset: str  # a name in PRESETS
     background: np.ndarray  # (M, 3) ``"model"`` frame
     result: Segmentation
 
@@ -164,8 +165,9 @@ class Segmenter:
 
     @torch.no_grad()
     def segment(self, volume: torch.Tensor, crops: List[Crop], clicks: Clicks, preset: str) -> Segmentation:
-        """volume: (D, H, W) pre-processed; crops: ``plan_crops``' for the request's ``clicks`` (``"model"`` frame),
-        whose background clicks also go to the zoomed-out crops and tiles they fall in."""
+        """volume: (D, H, W) pre-processed by ``preset`` (a name in PRESETS); crops: ``plan_crops``' for the
+        request's ``clicks`` (``"model"`` frame), whose background clicks also go to the zoomed-out crops and tiles
+        they fall in."""
         request = Request(volume, preset, clicks.background, Segmentation(torch.zeros(volume.shape)))
         result = request.result
         for crop in crops:
@@ -207,7 +209,8 @@ class Segmenter:
         key = crop_key(pixels, self.version, request.preset)
         encoding = self.cache.get(key)
         if encoding is None:
-            encoding = self.model.encode(pixels[None, None].to(self.model.device))
+            model_input = PRESETS[request.preset].crop_input(pixels)
+            encoding = self.model.encode(model_input[None, None].to(self.model.device))
             self.cache.put(key, encoding)
             result.encoder_runs += 1
         else:

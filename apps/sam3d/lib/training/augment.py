@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from monai.transforms import (
     Compose,
+    Lambdad,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -35,7 +36,8 @@ from .simulated_user import CONNECTIVITY
 KEYS = ("image", "label")
 MODES = ("bilinear", "nearest")
 # The authors shift intensities by up to 20 HU before normalising; in normalised units that is 20 / std.
-# MR presets normalise per image, so the shift is a fraction of one standard deviation instead.
+# MR presets normalise per image and per crop, so the shift is a fraction of one standard deviation instead, made
+# after the crop's own normalisation (which would undo it).
 HU_SHIFT = 20.0
 MR_SHIFT = 0.1
 # How often a training crop is zoomed out, and how far (serving zooms out 1.5x per level up to 4x).
@@ -105,14 +107,16 @@ def training_crops(preset: Preset, size: int, zoom_out_probability: float = ZOOM
     of the crops come from a box 1.5-4 times larger, zoomed out in 3D as serving does (``RandZoomOutd``; this
     mixes slices, also for the thick-slice presets, as serving's zoomed-out crops do)."""
     outer = round(size * 1.2)
+    shift = RandShiftIntensityd("image", offsets=HU_SHIFT / preset.std if preset.std else MR_SHIFT, prob=0.5)
     transforms = [
         RandZoomOutd(outer, zoom_out_probability),
         # A volume thinner than the crop (a short scan; the paper configuration's 154 voxels) is zero-padded, as
         # serving pads a crop that leaves the volume (zero: the normalised mean).
         SpatialPadd(KEYS, spatial_size=(outer,) * 3),
         RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=(outer,) * 3, pos=1, neg=0),
-        RandShiftIntensityd("image", offsets=HU_SHIFT / preset.std if preset.std else MR_SHIFT, prob=0.5),
     ]
+    if not preset.crop_statistics:
+        transforms.append(shift)
     if preset.in_plane_augmentation:  # axis 0 is the slice axis (D); rotate and zoom within slices
         transforms += [
             RandRotated(KEYS, range_x=math.pi / 6, prob=0.3, mode=MODES, padding_mode="border"),
@@ -125,4 +129,6 @@ def training_crops(preset: Preset, size: int, zoom_out_probability: float = ZOOM
         *(RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
         RandRotate90d(KEYS, prob=0.5, max_k=3, spatial_axes=(1, 2)),
     ]
+    if preset.crop_statistics:  # the final crop is what serving normalises (Segmenter.encode)
+        transforms += [Lambdad("image", preset.crop_input), shift]
     return Compose(transforms)

@@ -19,6 +19,8 @@ from lib.model import Clicks, CropEncoding, Sam3D
 from lib.regions import grown_box
 from lib.transforms.crops import plan_crops
 from lib.transforms.grid import GridMap
+from lib.transforms.planning import register_preset
+from lib.transforms.presets import Preset
 from lib.transforms.resample import ResampleToOriginalGridd
 
 from .simulated_user import CONNECTIVITY, challenge_box, protocol_click
@@ -98,6 +100,7 @@ def lesion_scores(
     model: Sam3D,
     volume: torch.Tensor,
     label: np.ndarray,
+    preset: Preset,
     clicks: Sequence[int] = (1,),
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     tolerance: float = NSD_TOLERANCE_MM,
@@ -106,8 +109,8 @@ def lesion_scores(
     observe: Optional[Callable[[int, np.ndarray, int, np.ndarray, Clicks], None]] = None,
     first: str = "click",
 ) -> List[Dict[int, Score]]:
-    """Per lesion (26-connected component of ``label``) of a pre-processed (D, H, W) volume: {n: Score} after n
-    protocol clicks for each n in ``clicks``. With ``first="box"`` each lesion starts with the challenge's box
+    """Per lesion (26-connected component of ``label``) of a (D, H, W) volume pre-processed by ``preset`` (whose
+    crops the model sees as the server shows them: ``Preset.crop_input``): {n: Score} after n protocol clicks for each n in ``clicks``. With ``first="box"`` each lesion starts with the challenge's box
     (its tight 2D box on its middle axial slice, across the slices it spans) and no click, scored as n = 0, and
     the box stays in every later request.
 
@@ -125,7 +128,7 @@ def lesion_scores(
         spacing = grid.image_spacing
     restore = ResampleToOriginalGridd()
     components, count = ndimage.label(label, structure=CONNECTIVITY)
-    results = []
+    results, name = [], register_preset(preset)
     for index in range(1, count + 1):
         lesion = components == index
         segmenter = Segmenter(model, "evaluation", BoundedCache(EVALUATION_CACHE_BYTES, CropEncoding.nbytes.fget),
@@ -143,7 +146,7 @@ def lesion_scores(
         for n in steps:
             request = grid.clicks_to_model(clicks_so_far) if grid else clicks_so_far
             crops = plan_crops(request, volume.shape, model.crop_size, box_request)
-            result = segmenter.segment(volume, crops, request, "evaluation")
+            result = segmenter.segment(volume, crops, request, name)
             if grid:
                 prediction = grid.mask_to_image(result.prob[None], result.boxes, restore.threshold, restore.resample) > 0
             else:
@@ -171,6 +174,6 @@ def lesion_scores(
     return results
 
 
-def lesion_dice(model: Sam3D, volume: torch.Tensor, label: np.ndarray, clicks: int = 1) -> List[float]:
+def lesion_dice(model: Sam3D, volume: torch.Tensor, label: np.ndarray, preset: Preset, clicks: int = 1) -> List[float]:
     """Per lesion: the Dice after ``clicks`` simulated clicks."""
-    return [scores[clicks][0] for scores in lesion_scores(model, volume, label, (clicks,))]
+    return [scores[clicks][0] for scores in lesion_scores(model, volume, label, preset, (clicks,))]

@@ -108,7 +108,7 @@ def publish(job: TrainingJob, model, losses: List[float], resumed_at: int, world
     scores = []
     for d in job.val:
         image, label = load_labelled(d["image"], d["label"], job.preset, job.label_value)
-        scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), (1,), job.preset.spacing)]
+        scores += [s[1] for s in lesion_scores(model, image[0], label[0].numpy(), job.preset, (1,), job.preset.spacing)]
     stats = {
         "total_time": round(seconds, 2),
         "steps": len(losses),

@@ -4,7 +4,8 @@ its fingerprint, so that a collection no named preset was made for still gets a 
 - Modality: CT when at least FAT_SHARE of the images' voxels lie below FAT_HU (fat, air or lung in HU); MR
   intensities are not negative. A CT cropped to soft tissue alone reads as MR: name a preset for it.
 - CT intensities (nnU-Net's rule, which made ``sts_ct``): the 0.5-99.5 percentiles of the tumour's voxels as the
-  window, then their mean and standard deviation inside it. MR: each image's own window and z-score.
+  window, then their mean and standard deviation inside it. MR: ``mr``'s, each image's and each crop's own window
+  and z-score.
 - Grid: isotropic, the spacing at which the median lesion (each image's largest) would span LESION_SHARE of a
   crop's side, rounded to SPACING_STEP, never finer than FINEST_SPACING (the paper's grid).
 - In-plane augmentation (the authors' choice for thick-slice data): when the slices are at least twice the grid.
@@ -106,8 +107,9 @@ def plan_preset(cases: Sequence[Tuple[str, Optional[str]]], crop_size: int,
     in_plane = slices >= 2 * spacing
     source = f"planned from {len(labelled)} labelled images"
     if not is_ct:
-        return Preset(f"MR, {source} (per-image window and z-score; {spacing:g} mm)", None, None, None,
-                      spacing=(spacing,) * 3, in_plane_augmentation=in_plane, planned_from=len(labelled))
+        return Preset(f"MR, {source} (per-image and per-crop window and z-score; {spacing:g} mm)", None, None, None,
+                      spacing=(spacing,) * 3, in_plane_augmentation=in_plane, planned_from=len(labelled),
+                      crop_statistics=True)
     values = np.concatenate([p.tumour_values for p in labelled])
     low, high = np.percentile(values, [0.5, 99.5])
     low, high = float(math.floor(low)), float(max(math.ceil(high), math.floor(low) + 1))

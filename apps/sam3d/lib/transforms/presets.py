@@ -7,6 +7,7 @@ then the dataset's global mean and standard deviation of the windowed intensitie
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from monai.transforms import (
     EnsureChannelFirstd,
     NormalizeIntensityd,
@@ -39,6 +40,20 @@ class Preset:
     # For a preset planned from a collection (lib/transforms/planning.py): how many labelled images it was
     # planned from. None: a named preset.
     planned_from: Optional[int] = None
+    # MR: each crop the model sees is windowed and z-scored again by its own statistics (training and serving
+    # alike). An MR scan's own statistics move with its field of view (how much air, fat and other limb it holds),
+    # a crop's only with what the model sees.
+    crop_statistics: bool = False
+
+    def crop_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A crop of the pre-processed volume (any shape) as the model takes it: itself, or with
+        ``crop_statistics`` clipped to its own 0.5-99.5 percentiles and z-scored."""
+        if not self.crop_statistics:
+            return pixels
+        values = pixels.float()
+        low, high = torch.quantile(values.flatten(), torch.tensor([0.005, 0.995], device=values.device))
+        values = values.clamp(low, high)
+        return (values - values.mean()) / values.std().clamp_min(1e-6)
 
 
 PAPER_PRESETS: Dict[str, Preset] = {
@@ -66,14 +81,16 @@ STS_SPACING = (4.0, 4.0, 4.0)
 PRESETS: Dict[str, Preset] = {
     **PAPER_PRESETS,
     "ct": _mean_of(list(PAPER_PRESETS.values())),
-    # MR intensities have no absolute scale: clip to the image's own percentiles, then its own z-score.
-    "mr": Preset("Generic MR (per-image percentile window and z-score)", None, None, None),
+    # MR intensities have no absolute scale: clip to the image's own percentiles, then its own z-score, and each
+    # crop to its own.
+    "mr": Preset("Generic MR (per-image and per-crop percentile window and z-score)", None, None, None,
+                 crop_statistics=True),
     # Soft-tissue sarcomas of the trunk and limbs (TCIA's STS collection, docs/real_scans.md): lesions of 5 to 27 cm,
     # so a coarser grid lets a crop see most of one (4 mm: the tiny crop is 128 mm). The CT window and statistics are nnU-Net's (the 0.5-99.5
     # percentiles of the training split's tumour voxels, then their mean and deviation inside that window).
     "sts_ct": Preset("Soft-tissue sarcoma CT (TCIA STS)", (-86, 147), 29.84, 32.86, spacing=STS_SPACING),
-    "sts_mr": Preset("Soft-tissue sarcoma MR T1 (TCIA STS; per-image window and z-score)", None, None, None,
-                     spacing=STS_SPACING),
+    "sts_mr": Preset("Soft-tissue sarcoma MR T1 (TCIA STS; per-image and per-crop window and z-score)", None, None,
+                     None, spacing=STS_SPACING, crop_statistics=True),
 }
 
 
