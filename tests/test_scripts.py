@@ -248,3 +248,33 @@ def test_evaluation_figures_follow_from_each_other_on_hard_studies(tmp_path, gri
         changes = [float(r[f"dice_{n}"]) - float(r[f"dice_{n - 1}"]) for r in rows for n in steps[1:]
                    if r[f"click_{n}"] == "background" and before(float(r[f"dice_{n - 1}"]))]
         assert f"on masks {name} Dice 0.8: " + (f"{np.mean(changes):+.3f} ({len(changes)})" if changes else "none") in summary
+
+
+def label_centre_mm(path):
+    image = nib.load(path)
+    voxels = np.argwhere(np.asarray(image.dataobj) > 0)
+    return nib.affines.apply_affine(image.affine, voxels).mean(axis=0), len(voxels)
+
+
+def test_reframed_studies_keep_each_lesion_where_it_was(tmp_path, demo_studies):
+    """Padded in-plane with air, or cut to the lesion: the lesion keeps its voxels and its place in the scanner."""
+    from make_demo_studies import STUDIES
+
+    script = os.path.join(ROOT, "scripts", "reframe_studies.py")
+    for option, value in (("--pad", "0.5"), ("--margin-mm", "5")):
+        out = tmp_path / option
+        subprocess.run([sys.executable, script, demo_studies, str(out), option, value], check=True, timeout=300)
+        for study in STUDIES:
+            name = f"{study.name}.nii.gz"
+            before, after = nib.load(os.path.join(demo_studies, name)), nib.load(out / name)
+            centre, count = label_centre_mm(os.path.join(demo_studies, "labels", "final", name))
+            moved, kept = label_centre_mm(out / "labels" / "final" / name)
+            assert kept == count and np.allclose(moved, centre, atol=1e-3), (option, study.name)
+            shape, zooms = np.array(before.shape), np.array(before.header.get_zooms())
+            grown = np.array(after.shape) - shape
+            if option == "--pad":
+                thickest = int(np.argmax(zooms))
+                assert all(grown[a] == (0 if a == thickest else 2 * round(shape[a] * 0.5)) for a in range(3))
+                assert np.asarray(after.dataobj)[0, 0, 0] == np.asarray(before.dataobj).min()
+            else:
+                assert (grown <= 0).all() and grown.sum() < 0
