@@ -110,9 +110,10 @@ def lesion_scores(
     first: str = "click",
 ) -> List[Dict[int, Score]]:
     """Per lesion (26-connected component of ``label``) of a (D, H, W) volume pre-processed by ``preset`` (whose
-    crops the model sees as the server shows them: ``Preset.crop_input``): {n: Score} after n protocol clicks for each n in ``clicks``. With ``first="box"`` each lesion starts with the challenge's box
-    (its tight 2D box on its middle axial slice, across the slices it spans) and no click, scored as n = 0, and
-    the box stays in every later request.
+    crops the model sees as the server shows them: ``Preset.crop_input``): {n: Score} after n protocol clicks for
+    each n in ``clicks``. With ``first="box"`` each lesion starts with the challenge's box (its tight 2D box on its
+    middle axial slice, across the slices it spans) and no click, scored as n = 0, and the box stays in every
+    later request.
 
     Each request goes through the model as the server serves it (``Segmenter``: crops planned on all the clicks so
     far, a lesion that reaches a crop's face followed within ``bounds``). The next click goes on the largest error
