@@ -19,8 +19,12 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "apps", "sam3d"))
+
+from lib.cases import find_cases  # noqa: E402
+
 logger = logging.getLogger("reframe_studies")
-NIFTI = (".nii.gz", ".nii")
 
 
 def padded(image: sitk.Image, label: sitk.Image, share: float):
@@ -45,7 +49,7 @@ def cut(image: sitk.Image, label: sitk.Image, margin_mm: float):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a studies folder: images beside labels/final/")
+    parser.add_argument("source", help="a studies folder (images beside labels/final/) or an MSD folder")
     parser.add_argument("out", help="the studies folder to write (images and labels/final/)")
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--pad", type=float, help="in-plane padding on each side, as a share of the image's size")
@@ -55,24 +59,23 @@ def main() -> None:
     if args.pad is not None and args.pad <= 0 or args.margin_mm is not None and args.margin_mm < 0:
         parser.error("--pad must be positive and --margin-mm not negative")
 
-    labels = os.path.join(args.source, "labels", "final")
-    names = sorted(n for n in os.listdir(args.source) if n.endswith(NIFTI) and os.path.exists(os.path.join(labels, n)))
-    if not names:
-        sys.exit(f"{args.source}: no image with a label in labels/final/")
+    try:
+        cases = find_cases(args.source)
+    except ValueError as e:
+        sys.exit(str(e))
     os.makedirs(os.path.join(args.out, "labels", "final"), exist_ok=True)
     written = 0
-    for name in tqdm(names, desc="studies"):
-        image = sitk.ReadImage(os.path.join(args.source, name))
-        label = sitk.ReadImage(os.path.join(labels, name))
+    for case, image_path, label_path in tqdm(cases, desc="studies"):
+        image, label = sitk.ReadImage(image_path), sitk.ReadImage(label_path)
         try:
             image, label = padded(image, label, args.pad) if args.pad is not None else cut(image, label, args.margin_mm)
         except ValueError as e:
-            logger.warning(f"{name} skipped: {e}")
+            logger.warning(f"{case} skipped: {e}")
             continue
-        sitk.WriteImage(image, os.path.join(args.out, name))
-        sitk.WriteImage(label, os.path.join(args.out, "labels", "final", name))
+        sitk.WriteImage(image, os.path.join(args.out, os.path.basename(image_path)))
+        sitk.WriteImage(label, os.path.join(args.out, "labels", "final", os.path.basename(label_path)))
         written += 1
-    logger.info(f"wrote {written} of {len(names)} studies to {args.out}")
+    logger.info(f"wrote {written} of {len(cases)} studies to {args.out}")
 
 
 if __name__ == "__main__":
