@@ -16,6 +16,7 @@ from lib.model.image_encoder import (
     window_layout,
     window_partition,
 )
+from lib.model import conv
 from lib.model.prompt_encoder import PromptEncoder3d
 from lib.model.checkpoints import SAM3D_ONLY
 from lib.model.predictor import exclude_background
@@ -141,6 +142,42 @@ def test_fused_window_attention_equals_the_explicit_attention(shift):
     with torch.no_grad():
         fused, explicit = block.attn(windows, regions), explicit_window_attention(block.attn, windows, mask)
     assert torch.allclose(fused, explicit, atol=1e-4), (fused - explicit).abs().max()
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, padding, dilation",
+    [
+        ((1, 6, 32, 32, 32), 3, 1, 1),  # the refiner's first convolution over a whole tiny crop
+        ((1, 8, 31, 20, 17), 3, 2, 2),  # its dilated one on a correction round's odd-sized box
+        ((1, 8, 9, 12, 10), 3, 0, 1),  # no padding: the output is shorter than the input
+        ((1, 24, 16, 16, 16), 3, (1, 0, 1), 1),  # the decoder's classifier; padding per axis
+        ((1, 3, 4, 5, 6), (2, 3, 1), 0, (1, 2, 1)),  # an even kernel, an anisotropic one
+    ],
+)
+def test_a_convolution_of_one_crop_split_along_d_equals_pytorchs_in_values_and_gradients(shape, kernel, padding, dilation):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    layer = conv.Conv3d(shape[1], 5, kernel, padding=padding, dilation=dilation)
+    reference = F.conv3d(x, layer.weight, layer.bias, padding=padding, dilation=dilation)
+    assert conv.splits(x, layer.weight)
+    out = layer(x)
+    assert out.shape == reference.shape
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    cotangent = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, [x, layer.weight, layer.bias], cotangent)
+    got = torch.autograd.grad(out, [x, layer.weight, layer.bias], cotangent)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)
+
+
+def test_convolutions_pytorch_sends_to_onednn_are_left_to_it():
+    weight = torch.zeros(4, 8, 3, 3, 3)
+    assert not conv.splits(torch.zeros(2, 8, 16, 16, 16), weight)  # a batch: oneDNN already
+    assert not conv.splits(torch.zeros(1, 32, 32, 32, 32), weight)  # over ATen's size: oneDNN already
+    assert not conv.splits(torch.zeros(1, 8, 16, 16, 16), torch.zeros(4, 8, 1, 1, 1))  # 1x1x1: reference is faster
+    assert not conv.splits(torch.zeros(1, 8, 16, 16, 16, dtype=torch.bfloat16), weight.bfloat16())
+    with pytest.raises(ValueError, match="stride 1"):
+        conv.Conv3d(8, 8, 3, stride=2)
 
 
 def test_background_never_adds_foreground_and_removes_only_on_its_side():

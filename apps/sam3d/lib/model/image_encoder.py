@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .conv import Conv3d
+
 # Attention logit offset between tokens of different regions of a shifted window: the paper's value, kept
 # (rather than -inf) so that outputs match checkpoints trained with it.
 SHIFTED_WINDOW_MASK_VALUE = -100.0
@@ -313,9 +315,9 @@ class ImageEncoder3d(nn.Module):
         )
         self.necks = nn.ModuleList(
             nn.Sequential(
-                nn.Conv3d(embed_dim, out_chans, 1, bias=False),
+                Conv3d(embed_dim, out_chans, 1, bias=False),
                 LayerNorm3d(out_chans),
-                nn.Conv3d(out_chans, out_chans, 3, padding=1, bias=False),
+                Conv3d(out_chans, out_chans, 3, padding=1, bias=False),
                 LayerNorm3d(out_chans),
             )
             for _ in range(4)

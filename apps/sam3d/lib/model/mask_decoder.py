@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import Conv3d, conv3d
+
 
 def conv_norm_relu(in_chans: int, out_chans: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv3d(in_chans, out_chans, 3, padding=1, bias=False), nn.InstanceNorm3d(out_chans), nn.ReLU()
+        Conv3d(in_chans, out_chans, 3, padding=1, bias=False), nn.InstanceNorm3d(out_chans), nn.ReLU()
     )
 
 
@@ -31,7 +33,7 @@ class MaskDecoder3d(nn.Module):
         )
         self.classifier = nn.Sequential(
             *conv_norm_relu(4 * head_chans + 1, head_chans),
-            nn.Conv3d(head_chans, num_classes, 3, padding=1, bias=False),
+            Conv3d(head_chans, num_classes, 3, padding=1, bias=False),
         )
 
     def prepare(self, features: Sequence[torch.Tensor], low_res_image: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,7 @@ class MaskDecoder3d(nn.Module):
         deepest head's channels."""
         shallow = upsample2(torch.cat([head(f) for head, f in zip(self.heads[:3], features)], dim=1))
         weight = self.classifier[0].weight
-        return F.conv3d(shallow, weight[:, : shallow.shape[1]], padding=1) + F.conv3d(
+        return conv3d(shallow, weight[:, : shallow.shape[1]], padding=1) + conv3d(
             low_res_image, weight[:, -1:], padding=1
         )
 
@@ -53,5 +55,5 @@ class MaskDecoder3d(nn.Module):
         deep_head = upsample2(self.heads[3](deep))
         start = 3 * deep_head.shape[1]
         weight = self.classifier[0].weight[:, start : start + deep_head.shape[1]]
-        x = prepared + F.conv3d(deep_head, weight, padding=1)
+        x = prepared + conv3d(deep_head, weight, padding=1)
         return upsample2(self.classifier[1:](x))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clicks import BOX_TOKEN
+from .conv import Conv3d
 from .image_encoder import MLPBlock
 
 
@@ -74,7 +75,7 @@ class DensePrompt(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 16) -> None:
         super().__init__()
-        self.embed = nn.Sequential(nn.Conv3d(1, hidden, 3, padding=1), nn.GELU(), nn.Conv3d(hidden, dim, 1))
+        self.embed = nn.Sequential(Conv3d(1, hidden, 3, padding=1), nn.GELU(), Conv3d(hidden, dim, 1))
         nn.init.zeros_(self.embed[-1].weight)
         nn.init.zeros_(self.embed[-1].bias)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .clicks import BOX_TOKEN
+from .conv import Conv3d
 
 # Inputs, in order: intensities, decoder's foreground probability, previous foreground probability (both mapped
 # to [-1, 1]; 0 where there is none), foreground click map, background click map, and the likeness map of the
@@ -104,11 +105,11 @@ class Refiner(nn.Module):
         # reaches the neighbouring part of it, narrow enough to stay on its side of the lesion.
         self.sigma = sigma
         self.net = nn.Sequential(
-            nn.Conv3d(REFINER_INPUTS, chans, 3, padding=1),
+            Conv3d(REFINER_INPUTS, chans, 3, padding=1),
             nn.GELU(),
-            nn.Conv3d(chans, chans, 3, padding=2, dilation=2),
+            Conv3d(chans, chans, 3, padding=2, dilation=2),
             nn.GELU(),
-            nn.Conv3d(chans, 2, 1),
+            Conv3d(chans, 2, 1),
         )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
