@@ -4,6 +4,7 @@
     .venv/bin/python scripts/benchmark.py training --reference ../3DSAM-adapter # + the authors' train.py step
     .venv/bin/python scripts/benchmark.py training --variants fp32-ckpt bf16-ckpt --json training.json
     .venv/bin/python scripts/benchmark.py training --tiny --device cpu         # seconds: a smoke run
+    .venv/bin/python scripts/benchmark.py training --tiny --device cpu --variants fp32 fp32-aten --rounds 3
 
 Step times are medians over --repeats steps after one warm-up step; peak memory is CUDA's, per variant, with one
 model on the device at a time. With --reference both implementations start from the same weights, on the same
@@ -25,12 +26,13 @@ import torch.nn.functional as F
 from torch.optim import AdamW
 
 from benchmarks.clicks import ReferenceModel, timed
-from lib.model import CONFIGS, build_sam3d, freeze_backbone
+from lib.model import CONFIGS, build_sam3d, conv, freeze_backbone
 from lib.training import fit
 
 VARIANTS = {
     "reference": "reference (authors' train.py, float32)",
     "fp32": "ours float32",
+    "fp32-aten": "ours float32, each convolution as PyTorch dispatches it (no split of a batch of one)",
     "fp32-ckpt": "ours float32 + checkpointing",
     "bf16-ckpt": "ours bfloat16 + checkpointing",
 }
@@ -150,10 +152,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         if "reference" in args.variants:
             results["reference"] = measure(VARIANTS["reference"], lambda: reference.setup(args.device, crop, label), args)
         del reference
-    flags = {"fp32": (False, False), "fp32-ckpt": (False, True), "bf16-ckpt": (True, True)}
-    for key, (bfloat16, checkpointing) in flags.items():
+    # (bfloat16, activation checkpointing, a batch-of-one CPU convolution split to reach oneDNN: lib/model/conv.py)
+    flags = {"fp32": (False, False, True), "fp32-aten": (False, False, False), "fp32-ckpt": (False, True, True),
+             "bf16-ckpt": (True, True, True)}
+    for key, (bfloat16, checkpointing, split) in flags.items():
         if key in args.variants:
-            results[key] = measure(VARIANTS[key], lambda: ours(args, checkpoint, bfloat16, checkpointing, crop, label), args)
+            conv.SPLIT_BATCH_OF_ONE = split
+            try:
+                results[key] = measure(VARIANTS[key], lambda: ours(args, checkpoint, bfloat16, checkpointing, crop, label), args)
+            finally:
+                conv.SPLIT_BATCH_OF_ONE = True
 
     base = results.get("reference", {})
     for figures in results.values():
