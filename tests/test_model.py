@@ -18,6 +18,7 @@ from lib.model.image_encoder import (
 )
 from lib.model import conv
 from lib.model.prompt_encoder import PromptEncoder3d
+from lib.model.build import INITIALISATION_SEED
 from lib.model.checkpoints import SAM3D_ONLY
 from lib.model.predictor import exclude_background
 
@@ -536,20 +537,22 @@ def test_bfloat16_autocast_stays_close_to_float32(tiny):
 
 
 def test_our_checkpoint_over_another_backbone_is_reported(tmp_path):
-    """Adapters saved over one frozen backbone, loaded over another: the load says so in /info/'s weights."""
-    torch.manual_seed(0)
-    model = create_model(CONFIGS["tiny"])
-    freeze_backbone(model)
-    trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    path = str(tmp_path / "sam3d.pt")
-    save_sam3d(model, path, "tiny", trained)
-    meta = torch.load(path, weights_only=True)["meta"]
+    """Adapters saved over one frozen backbone, loaded over another: the load says so in /info/'s weights. With no
+    SAM checkpoint the backbone is build_sam3d's initialisation, the same at every build."""
+    paths = {}
+    for seed in (INITIALISATION_SEED, INITIALISATION_SEED + 1):  # the backbone build_sam3d makes, and another
+        torch.manual_seed(seed)
+        model = create_model(CONFIGS["tiny"])
+        freeze_backbone(model)
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        paths[seed] = str(tmp_path / f"sam3d_{seed}.pt")
+        save_sam3d(model, paths[seed], "tiny", trained)
+    meta = torch.load(paths[INITIALISATION_SEED], weights_only=True)["meta"]
     assert meta["crop_size"] == TINY.crop_size and meta["click_types"] == ["foreground", "background"]
 
-    torch.manual_seed(0)  # the same initialisation: the same frozen backbone
-    assert not any("WARNING" in s for s in build_sam3d(checkpoint=path).weights_info["loads"])
-    torch.manual_seed(1)  # another one
-    assert "backbone differs" in " ".join(build_sam3d(checkpoint=path).weights_info["loads"])
+    torch.manual_seed(5)  # the caller's random state does not decide the initialisation
+    assert not any("WARNING" in s for s in build_sam3d(checkpoint=paths[INITIALISATION_SEED]).weights_info["loads"])
+    assert "backbone differs" in " ".join(build_sam3d(checkpoint=paths[INITIALISATION_SEED + 1]).weights_info["loads"])
 
 
 def optimiser_state_after_a_step(parameters) -> dict:

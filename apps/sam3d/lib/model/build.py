@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, LoadReport, detect_format, load_authors, load_sam, load_sam3d, read_checkpoint
@@ -147,6 +148,9 @@ def choose_backbone(checkpoint: Optional[str], from_checkpoint: Optional[str], r
     return backbone
 
 
+INITIALISATION_SEED = 0
+
+
 def build_sam3d(
     checkpoint: Optional[str] = None,
     backbone: Optional[str] = None,
@@ -166,7 +170,11 @@ def build_sam3d(
     backbone = choose_backbone(checkpoint, checkpoint_backbone(obj), backbone)
 
     meta = obj.get("meta", {}) if kind == "sam3d" else {}
-    model = create_model(CONFIGS[backbone], bool(meta.get("correction_trained")), bfloat16)
+    # Whatever no checkpoint fills starts the same at every start, so that a training run from it is reproducible
+    # (its seed decides its crops and clicks); the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INITIALISATION_SEED)
+        model = create_model(CONFIGS[backbone], bool(meta.get("correction_trained")), bfloat16)
     reports = []
     sam_path = checkpoint if kind == "sam" else sam_checkpoint
     # The one fact that decides what trains: whether the image backbone holds pretrained weights.
