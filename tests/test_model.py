@@ -17,9 +17,9 @@ from lib.model.image_encoder import (
     window_partition,
 )
 from lib.model import conv
-from lib.model.prompt_encoder import PromptEncoder3d
 from lib.model.build import INITIALISATION_SEED
 from lib.model.checkpoints import SAM3D_ONLY
+from lib.model.prompt_encoder import PromptEncoder3d
 from lib.model.predictor import exclude_background
 
 TINY = CONFIGS["tiny"]
