@@ -1,11 +1,13 @@
 """Correction clicks through a real server: the answer is a function of the request alone (whoever clicked before,
-restart or not), and a refinement replays one decoder round, not the encoder."""
+restart or not), a refinement replays one decoder round, not the encoder, and every clicked voxel shows its click's
+class."""
 
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monailabel.client import MONAILabelClient
 
 from conftest import start_server, stop_server
@@ -56,6 +58,47 @@ class SavedForBackward:
 
     def __del__(self):
         SavedForBackward.live -= self.bytes
+
+
+def test_the_voxels_near_a_click_take_its_class_and_those_near_both_kinds_keep_the_models_answer():
+    from lib.engine.segment import honour_clicks
+    from lib.model import Clicks
+
+    model_answer = torch.full((10, 10, 10), 0.3)
+    model_answer[5:] = 0.8
+    foreground = [[1, 1, 1], [0, 9, 9], [5, 5, 5], [2, 8, 2]]
+    background = [[8, 8, 8], [7, 5, 5], [2, 8, 2]]  # (7, 5, 5) two voxels from (5, 5, 5); (2, 8, 2) clicked both ways
+    prob = model_answer.clone()
+    honour_clicks(prob, Clicks(np.array(foreground), np.array(background), "model"), reach=1)
+
+    expected = model_answer.clone()
+    expected[0:3, 0:3, 0:3] = 1
+    expected[0:2, 8:10, 8:10] = 1  # at the volume's edge: what lies inside it
+    expected[7:10, 7:10, 7:10] = 0
+    expected[4:6, 4:7, 4:7] = 1  # near (5, 5, 5) only
+    expected[7:9, 4:7, 4:7] = 0  # near (7, 5, 5) only; the plane between them near both: the model's answer
+    expected[5, 5, 5], expected[7, 5, 5] = 1, 0  # the clicked voxels themselves
+    expected[2, 8, 2] = 0  # its neighbours are near both kinds; the voxel itself: background
+    assert torch.equal(prob, expected)
+
+
+def test_every_clicked_voxel_shows_its_clicks_class_where_the_model_would_not_move_it(demo_server, tmp_path):
+    """A background click inside the lesion a few voxels from the foreground click (where a model keeps what lies
+    nearer the foreground click) and a foreground click just past the first mask's border: in the mask returned on
+    the image's grid, each voxel the user pointed at has the class the user gave it, and the lesion stays."""
+    url, _, _ = demo_server
+    client = MONAILabelClient(url, tmpdir=str(tmp_path))
+    first, _ = mask(client, FIRST)
+    click = np.asarray(FIRST["foreground"][0])
+    inside = click + [0, 0, 4]
+    beyond = click.copy()
+    while first[tuple(beyond)]:
+        beyond[0] += 1
+    beyond[0] += 1  # two voxels past the border
+    assert first[tuple(inside)] and not first[tuple(beyond)]
+    corrected, _ = mask(client, {"foreground": [click.tolist(), beyond.tolist()], "background": [inside.tolist()]})
+    assert corrected[tuple(click)] and corrected[tuple(beyond)] and not corrected[tuple(inside)]
+    assert corrected.sum() > 0.5 * first.sum()
 
 
 def test_checkpointed_training_rounds_compute_the_same_step_and_hold_little_memory_per_round():

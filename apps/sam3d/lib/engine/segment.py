@@ -17,7 +17,7 @@ by that crop alone; a larger one is zoomed out to at once (its whole box with a 
 size) and refined as above, each refining crop seeing its share of the box.
 
 At most ``max_crops`` crops are spent on following per request; where the bound stops it, the coarse answer stands
-and the result says so. Every crop's encoding goes through the feature cache: a further click runs the encoder
+and the result says so. Last, each click's neighbourhood takes the click's class (``honour_clicks``). Every crop's encoding goes through the feature cache: a further click runs the encoder
 only for crops it has not seen. A lesion whose mask stays off the crop's faces is served by the one crop, as before.
 """
 
@@ -54,6 +54,12 @@ TILE_QUANTUM = 1 / 8
 # lesion larger than the crop, or farther out, the coarse answer stands (a crop that sees only the inside of a
 # lesion, or only a sliver of it, answers worse there than the zoomed-out crop that saw it whole).
 REFINE_BAND = 1 / 4
+# A click is the user's word on the voxel under it: the voxels within this many of it along each axis (the model's
+# grid) take the click's class in the answer, whatever the model said there. A model can leave a correction click's
+# own voxel on the wrong side (a background click on a leak that it takes for the lesion), and the voxel the user
+# pointed at staying wrong is the one error a user cannot miss; one voxel's reach keeps the clicked image voxel
+# right after the answer is resampled to the image's grid.
+CLICK_REACH = 1
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,24 @@ def reaches_face(mask: torch.Tensor, start: Sequence[int], size: int, shape: Seq
             if int(mask.select(axis, index).sum()) >= threshold:
                 return True
     return False
+
+
+def honour_clicks(prob: torch.Tensor, clicks: Clicks, reach: int = CLICK_REACH) -> None:
+    """prob: (D, H, W) foreground probability on the model's grid, changed in place; clicks: the request's
+    (``"model"`` frame). The voxels within ``reach`` of a click (per axis) take its class: 1 near foreground clicks,
+    0 near background ones, the model's answer where clicks of both kinds are that near; the clicked voxels
+    themselves always take their click's class (background where one voxel was clicked both ways)."""
+    near = []
+    for points in (clicks.foreground, clicks.background):
+        marked = torch.zeros(prob.shape, dtype=torch.bool)
+        for point in points:
+            marked[tuple(slice(max(int(c) - reach, 0), int(c) + reach + 1) for c in point)] = True
+        near.append(marked)
+    prob[near[0] & ~near[1]] = 1.0
+    prob[near[1] & ~near[0]] = 0.0
+    for points, value in ((clicks.foreground, 1.0), (clicks.background, 0.0)):
+        for point in points:
+            prob[tuple(int(c) for c in point)] = value
 
 
 def upsampled(logits: torch.Tensor, start: Sequence[int], side: int, shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +218,7 @@ class Segmenter:
             start, region = followed
             paste_max(result.prob, region.sigmoid(), start)
             result.boxes.append((start, region.shape[0]))
+        honour_clicks(result.prob, clicks)
         return result
 
     def beyond_crop(self, mask: torch.Tensor, start: Sequence[int], shape: Sequence[int]) -> bool:
