@@ -87,9 +87,9 @@ def test_one_click_covers_a_lesion_larger_than_the_crop_and_a_second_click_reuse
 
 def test_a_lesion_inside_one_crop_gives_the_same_mask_as_before(trained_tiny_large, demo_studies):
     """The demo lesions fit a 32 mm crop: the served probability is the one crop's, as before following existed
-    (the crop planned on the click, encoded, decoded, pasted into zeros)."""
+    (the crop planned on the click, encoded, decoded, pasted into zeros, the click honoured)."""
     from lib.engine.cache import BoundedCache, tensor_bytes
-    from lib.engine.segment import Segmenter
+    from lib.engine.segment import Segmenter, honour_clicks
     from lib.model import Clicks, CropEncoding, Sam3DPredictor, build_sam3d
     from lib.transforms.crops import extract_crop, paste_max, plan_crops
     from lib.training.simulated_user import interior_click
@@ -105,6 +105,7 @@ def test_a_lesion_inside_one_crop_gives_the_same_mask_as_before(trained_tiny_lar
         before = torch.zeros(volume.shape)
         encoding = model.encode(extract_crop(volume, crops[0])[None, None])
         paste_max(before, Sam3DPredictor(model).foreground_probability(encoding, crops[0].clicks), crops[0].start)
+        honour_clicks(before, clicks)
         assert len(served.crops) == 1 and not served.zoomed_crops and not served.growth_bounded
         assert (before > 0.5).sum() > 100  # the model finds the lesion
         assert torch.equal(served.prob, before)
