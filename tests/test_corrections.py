@@ -102,8 +102,6 @@ def test_every_clicked_voxel_shows_its_clicks_class_where_the_model_would_not_mo
 
 
 def test_checkpointed_training_rounds_compute_the_same_step_and_hold_little_memory_per_round():
-    import torch
-
     from lib.model import CONFIGS, build_sam3d
     from lib.training import fit
 

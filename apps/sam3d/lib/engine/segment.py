@@ -17,8 +17,9 @@ by that crop alone; a larger one is zoomed out to at once (its whole box with a 
 size) and refined as above, each refining crop seeing its share of the box.
 
 At most ``max_crops`` crops are spent on following per request; where the bound stops it, the coarse answer stands
-and the result says so. Last, each click's neighbourhood takes the click's class (``honour_clicks``). Every crop's encoding goes through the feature cache: a further click runs the encoder
+and the result says so. Every crop's encoding goes through the feature cache: a further click runs the encoder
 only for crops it has not seen. A lesion whose mask stays off the crop's faces is served by the one crop, as before.
+Last, each click's neighbourhood takes the click's class (``honour_clicks``).
 """
 
 import itertools
