@@ -134,14 +134,18 @@ def honour_clicks(prob: torch.Tensor, clicks: Clicks, reach: int = CLICK_REACH) 
     (``"model"`` frame). The voxels within ``reach`` of a click (per axis) take its class: 1 near foreground clicks,
     0 near background ones, the model's answer where clicks of both kinds are that near; the clicked voxels
     themselves always take their click's class (background where one voxel was clicked both ways)."""
-    near = []
-    for points in (clicks.foreground, clicks.background):
-        marked = torch.zeros(prob.shape, dtype=torch.bool)
+    # Worked click by click in each one's own neighbourhood: a request's answer spans the whole volume, its clicks
+    # a few voxels each.
+    shape = np.asarray(prob.shape)
+    for points, others, value in ((clicks.foreground, clicks.background, 1.0), (clicks.background, clicks.foreground, 0.0)):
         for point in points:
-            marked[tuple(slice(max(int(c) - reach, 0), int(c) + reach + 1) for c in point)] = True
-        near.append(marked)
-    prob[near[0] & ~near[1]] = 1.0
-    prob[near[1] & ~near[0]] = 0.0
+            low, high = np.maximum(point - reach, 0), np.minimum(point + reach + 1, shape)
+            contested = torch.zeros(tuple(high - low), dtype=torch.bool)  # also near a click of the other kind
+            for other in others:
+                other_low, other_high = np.maximum(other - reach, low), np.minimum(other + reach + 1, high)
+                if (other_high > other_low).all():
+                    contested[tuple(slice(a - o, b - o) for a, b, o in zip(other_low, other_high, low))] = True
+            prob[tuple(slice(a, b) for a, b in zip(low, high))][~contested] = value
     for points, value in ((clicks.foreground, 1.0), (clicks.background, 0.0)):
         for point in points:
             prob[tuple(int(c) for c in point)] = value
