@@ -1,5 +1,5 @@
 """Correction clicks through a real server: the answer is a function of the request alone (whoever clicked before,
-restart or not), a refinement replays one decoder round, not the encoder, and every clicked voxel shows its click's
+restart or not), a refinement decodes one round, not the encoder, and every clicked voxel shows its click's
 class."""
 
 import os

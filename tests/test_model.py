@@ -262,26 +262,26 @@ class CountingMemo(dict):
         self[(str(points.tolist()), str(labels.tolist()))] = logits
 
 
-def test_corrections_replay_in_an_order_the_request_decides_and_reuse_earlier_rounds(tiny):
+def test_corrections_answer_in_two_rounds_and_a_refinement_decodes_one(tiny):
     perturb(tiny, 0.2, sam3d_prompts=True)
     tiny = tiny.sharing_weights(correction_trained=True)
     encoding = tiny.encode(torch.randn(1, 1, TINY.crop_size, TINY.crop_size, TINY.crop_size))
     points, labels = torch.tensor([[8, 16, 16], [24, 16, 16], [12, 10, 20]]), torch.tensor([1, 0, 1])
     fresh = Sam3DPredictor(tiny).correction_logits(encoding, crop_clicks(points, labels))
-    # by hand: foreground clicks first (in order sent), then background; each round sees the previous one
-    order = [0, 2, 1]
-    previous = None
-    for rounds in range(1, 4):
-        chosen = order[:rounds]
-        previous = Sam3DPredictor(tiny).click_logits(encoding, points[chosen], labels[chosen], previous)
-    assert torch.equal(fresh, previous)
+    # by hand: the first foreground click alone, then every click (foreground first, in the order sent) seeing it
+    first = Sam3DPredictor(tiny).click_logits(encoding, points[:1], labels[:1])
+    assert torch.equal(fresh, Sam3DPredictor(tiny).click_logits(encoding, points[[0, 2, 1]], labels[[0, 2, 1]], first))
+    assert not torch.equal(fresh, first)
 
     memo = CountingMemo()
     first_two = crop_clicks(points[:2], labels[:2])
     assert torch.equal(Sam3DPredictor(tiny).correction_logits(encoding, first_two, memo), Sam3DPredictor(tiny).correction_logits(encoding, first_two))
     assert memo.computed == 2
-    assert torch.equal(Sam3DPredictor(tiny).correction_logits(encoding, crop_clicks(points, labels), memo), fresh)  # with the memo: same answer
-    assert memo.computed == 4  # round (fg0) was reused; (fg0, fg2) and (fg0, fg2, bg1) were new
+    # Two prompts added at once (the foreground click 2 beside the background click 1 already sent): one round.
+    assert torch.equal(Sam3DPredictor(tiny).correction_logits(encoding, crop_clicks(points, labels), memo), fresh)
+    assert memo.computed == 3  # (fg0) was reused; only (fg0, fg2, bg1) was new
+    assert torch.equal(Sam3DPredictor(tiny).correction_logits(encoding, crop_clicks(points, labels), memo), fresh)
+    assert memo.computed == 3  # the same request again: nothing decoded
 
 
 def test_the_rule_reuses_the_foreground_answer_when_a_background_click_is_added(tiny):
@@ -626,3 +626,4 @@ def test_each_weight_state_says_what_it_is(tiny, tmp_path):
     assert "DEMO WEIGHTS" in states["demo"]["warning"] and "--conf checkpoint" in states["demo"]["warning"]
     untrained = states["untrained"]["warning"]
     assert "UNTRAINED" in untrained and "backbone is random" in untrained and "POST /train/sam3d" in untrained
+

@@ -151,9 +151,10 @@ def correction_figures(model, encoding, first: Clicks, refined: Clicks, repeats:
     rows["correction round with the previous mask (s)"], _ = timed(
         lambda: background_click(corrected, noise), repeats, "round"
     )
-    # A refinement adding two prompts at once against one adding one (issue 26): a correction-trained model replays
-    # one round per prompt, so that the answer is a function of the request alone (whoever sent the prompts
-    # before, on whichever server); an authors' checkpoint decodes all prompts at once.
+    # A refinement adding two prompts at once against one adding one (issue 26): a correction-trained model answers
+    # in two rounds, the first prompt's (kept from the request before) and all prompts', so that the answer is a
+    # function of the request alone (whoever sent the prompts before, on whichever server); an authors' checkpoint
+    # decodes all prompts at once.
     third = refine + torch.tensor([0, 4, 0], device=device)
     one_added, two_added = (
         Clicks(torch.cat(points).cpu().numpy(), np.zeros((0, 3)), "crop") for points in ([clicks, refine], [clicks, refine, third])

@@ -251,7 +251,7 @@ class Segmenter:
         self, request: Request, pixels: torch.Tensor, clicks: Clicks, box: Optional[Box] = None
     ) -> torch.Tensor:
         """A crop's foreground log-odds (S, S, S) for the request's clicks and box in it (``"crop"`` frame), every
-        prompt replayed as the server replays a request (``Sam3DPredictor.correction_logits``)."""
+        prompt answered as the server answers a request (``Sam3DPredictor.correction_logits``)."""
         encoding, key = self.encode(request, pixels)
         memo = CropRounds(self.rounds, key if box is None else f"{key}/{box.key()}")
         return self.predictor.correction_logits(encoding, clicks, memo, box).float().cpu()

@@ -1,7 +1,7 @@
 """The click policy of a :class:`Sam3D` model, as segment-anything's ``SamPredictor`` sits beside ``Sam``: which
-prompts go to the decoder in which rounds (replay), how background clicks act on weights never trained on them (the
+prompts go to the decoder in which rounds, how background clicks act on weights never trained on them (the
 rule), what is kept outside a box, and the memo of rounds already decoded. Training decodes its simulated sessions
-through the same rounds (:meth:`Sam3DPredictor.correction_round`).
+through the same decoder round (:meth:`Sam3DPredictor.correction_round`).
 
 Axis convention as the model's: a crop is ``(D, H, W)``, clicks are ``(d, h, w)`` voxel indices of it.
 """
@@ -151,30 +151,34 @@ class Sam3DPredictor:
         """Foreground log-odds (S, S, S) after all ``clicks`` and the ``box`` (both ``"crop"`` frame), for a
         request that carries every prompt of the segment.
 
-        A correction-trained model replays the prompts one round each, every round seeing the previous round's
-        prediction: the box alone first (its map and its centre's token), then the clicks in the order that only the request decides
-        (``Clicks.points_and_labels``), the box seen in every round. The same request thus always gets the same
-        answer, whoever clicked before and whether or not the server restarted. ``memo`` keeps rounds already
-        computed (a refinement that adds a click replays one round; the memo must be one box's); other models
-        decode all clicks at once, through the rule (:meth:`click_logits`), reusing answers ``memo`` kept.
+        A correction-trained model answers in two rounds (:meth:`two_rounds`): the first prompt alone (the box's
+        map and its centre's token, else the first foreground click), then every prompt at once, seeing the first
+        round's prediction, the box seen in both. The same request thus always gets the same answer, whoever
+        clicked before and whether or not the server restarted, and a refinement costs one decoder round however
+        many prompts it adds: ``memo`` keeps the first round (it must be one box's). Other models decode all clicks
+        at once, through the rule (:meth:`click_logits`), reusing answers ``memo`` kept.
 
         A model whose box prompt is untrained (the authors' checkpoints) is served a box by its fallback: the
         box's centre as the first foreground click. Either way nothing is kept beyond the box's margin
         (:func:`kept_near_box`)."""
         if box is None:
-            return self.replayed_logits(encoding, clicks, memo, None)
+            return self.two_rounds(encoding, clicks, memo, None)
         if self.model.box_trained:
-            logits = self.replayed_logits(encoding, clicks, memo, box)
+            logits = self.two_rounds(encoding, clicks, memo, box)
         else:
             with_centre = Clicks(np.concatenate([box.centre[None], clicks.foreground]), clicks.background, "crop")
-            logits = self.replayed_logits(encoding, with_centre, memo, None)
+            logits = self.two_rounds(encoding, with_centre, memo, None)
         return kept_near_box(logits, box, torch.as_tensor(clicks.foreground))
 
-    def replayed_logits(
+    def two_rounds(
         self, encoding: CropEncoding, clicks: Clicks, memo: Optional["PrefixMemo"], box: Optional[Box]
     ) -> torch.Tensor:
         """:meth:`correction_logits` for a model that answers ``box`` itself (or None): the box's round is its
-        centre's token (``BOX_TOKEN``) with the box's map, and the map stays in every later round."""
+        centre's token (``BOX_TOKEN``) with the box's map, and the map stays in the second round.
+
+        Two rounds, not one per prompt: clients send no order between their prompts (MONAI Label's send a list of
+        foreground and one of background clicks), so the second round takes them all at once, with the first
+        prompt's prediction as its previous mask, and prompts sent together cost what one costs."""
         device = encoding.deep.device
         points, labels = clicks.points_and_labels(device)
         dense = None
@@ -184,17 +188,15 @@ class Sam3DPredictor:
             dense = box.mask(self.model.crop_size, device)
         if not self.model.correction_trained:
             return self.click_logits(encoding, points, labels, memo=memo)
-        previous, start = None, 0
-        if memo is not None:
-            for rounds in range(len(points), 0, -1):
-                previous = memo.get(points[:rounds], labels[:rounds])
-                if previous is not None:
-                    start = rounds
-                    break
-        for rounds in range(start + 1, len(points) + 1):
-            previous = self.click_logits(encoding, points[:rounds], labels[:rounds], previous, box=dense)
-            if memo is not None:
-                memo.put(points[:rounds], labels[:rounds], previous)
+        rounds = [(points[:1], labels[:1])] + ([(points, labels)] if len(points) > 1 else [])
+        previous = None
+        for prompts in rounds:
+            answer = None if memo is None else memo.get(*prompts)
+            if answer is None:
+                answer = self.click_logits(encoding, *prompts, previous, box=dense)
+                if memo is not None:
+                    memo.put(*prompts, answer)
+            previous = answer
         return previous
 
     @torch.no_grad()
