@@ -626,4 +626,3 @@ def test_each_weight_state_says_what_it_is(tiny, tmp_path):
     assert "DEMO WEIGHTS" in states["demo"]["warning"] and "--conf checkpoint" in states["demo"]["warning"]
     untrained = states["untrained"]["warning"]
     assert "UNTRAINED" in untrained and "backbone is random" in untrained and "POST /train/sam3d" in untrained
-
